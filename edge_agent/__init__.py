@@ -1,0 +1,1 @@
+"""isocam edge_agent."""

@@ -1,0 +1,1 @@
+"""isocam simulator."""
