@@ -1,0 +1,84 @@
+"""Fixtures shared across the suite: real processes, started by the tests themselves."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from devstack.broker import Mosquitto
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A private Mosquitto on a free loopback port; the test fails if it cannot start."""
+    broker = Mosquitto(workdir=tmp_path / "mosquitto").start()
+    yield broker
+    broker.stop()
+
+
+@dataclass
+class RunningSimulator:
+    """A `camera-sim run` process and the cameras it announced."""
+
+    proc: subprocess.Popen[str]
+    cameras: list[dict]
+    state_file: Path
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run another camera-sim command against this simulator."""
+        return subprocess.run(
+            [str(BIN / "camera-sim"), *args, "--state-file", str(self.state_file)],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_simulator(tmp_path: Path, *args: str, cameras: int = 2) -> RunningSimulator:
+    """Start `camera-sim run` and wait for its JSON announcement lines."""
+    state_file = tmp_path / f"sim-{len(list(tmp_path.glob('sim-*.json')))}.json"
+    proc = subprocess.Popen(
+        [str(BIN / "camera-sim"), "run", "--cameras", str(cameras), "--state-file",
+         str(state_file), *args],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    cams = []
+    for _ in range(cameras):
+        line = proc.stdout.readline()  # blocks until ready; pytest-timeout bounds it
+        if not line:
+            raise RuntimeError(f"camera-sim exited with {proc.wait()} before it was ready")
+        cams.append(json.loads(line))
+    return RunningSimulator(proc, cams, state_file)
+
+
+@pytest.fixture
+def simulator_factory(tmp_path: Path) -> Iterator[Callable[..., RunningSimulator]]:
+    """Start camera-sim processes with given options; all are stopped after the test."""
+    started: list[RunningSimulator] = []
+
+    def factory(*args: str, cameras: int = 2) -> RunningSimulator:
+        sim = start_simulator(tmp_path, *args, cameras=cameras)
+        started.append(sim)
+        return sim
+
+    yield factory
+    for sim in started:
+        sim.stop()
