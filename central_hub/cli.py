@@ -29,8 +29,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("name", type=click.Path(path_type=Path))
-@click.option("--suite", type=click.Choice(sorted(_SUITES)), default=None,
-              help="HPKE suite. Default: the hybrid post-quantum mlkem768-x25519.")
+@click.option(
+    "--suite",
+    type=click.Choice(sorted(_SUITES)),
+    default=None,
+    help="HPKE suite. Default: the hybrid post-quantum mlkem768-x25519.",
+)
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 def keygen(name: Path, suite: str | None, force: bool) -> None:
     """Make a viewing (or escrow) key pair: NAME.key (private, 0600) and NAME.pub.
@@ -51,13 +55,25 @@ def keygen(name: Path, suite: str | None, force: bool) -> None:
 
 @main.command()
 @click.argument("segment", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--key", "key_path", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Private key file (viewing or escrow).")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Where to write the MP4 (0600). '-' writes to stdout.")
-@click.option("--require-finished", is_flag=True,
-              help="Fail on a segment cut short by a crash instead of opening what is there.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Private key file (viewing or escrow).",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the MP4 (0600). '-' writes to stdout.",
+)
+@click.option(
+    "--require-finished",
+    is_flag=True,
+    help="Fail on a segment cut short by a crash instead of opening what is there.",
+)
 def unseal(segment: Path, key_path: Path, output: Path, require_finished: bool) -> None:
     """Open a sealed segment into a playable fragmented MP4, verifying every chunk.
 
@@ -66,13 +82,13 @@ def unseal(segment: Path, key_path: Path, output: Path, require_finished: bool) 
     """
     try:
         if str(output) == "-":
-            opened = unseal_to(segment, key_path, sys.stdout.buffer,
-                               require_finished=require_finished)
+            opened = unseal_to(
+                segment, key_path, sys.stdout.buffer, require_finished=require_finished
+            )
         else:
             opened = unseal_to(segment, key_path, output, require_finished=require_finished)
     except (SealedSegmentError, OSError) as exc:
         raise click.ClickException(f"{segment}: {exc}") from None
     h = opened.header
     state = "finished" if opened.finished else "UNFINISHED (cut short, e.g. by a crash)"
-    click.echo(f"{segment}: site {h.site_id} camera {h.camera_id} seq {h.seq}: {state}",
-               err=True)
+    click.echo(f"{segment}: site {h.site_id} camera {h.camera_id} seq {h.seq}: {state}", err=True)

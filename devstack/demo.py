@@ -24,16 +24,25 @@ BIN = Path(sys.executable).parent
 def _start_simulator(cameras: int, state_file: Path) -> tuple[subprocess.Popen[str], list[dict]]:
     """Start camera-sim and wait for its per-camera JSON lines (it prints them once ready)."""
     proc = subprocess.Popen(
-        [str(BIN / "camera-sim"), "run", "--cameras", str(cameras), "--state-file",
-         str(state_file)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            str(BIN / "camera-sim"),
+            "run",
+            "--cameras",
+            str(cameras),
+            "--state-file",
+            str(state_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     cams = []
     for _ in range(cameras):
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"camera-sim exited with {proc.wait()} before its cameras were ready")
+            raise RuntimeError(
+                f"camera-sim exited with {proc.wait()} before its cameras were ready"
+            )
         cams.append(json.loads(line))
     return proc, cams
 
@@ -62,18 +71,23 @@ def main() -> int:
         env_hint = f"--state-file {state_file}"
         print("demo: 4 simulated ONVIF cameras:", flush=True)
         for cam in cams:
-            print(f"  {cam['id']}  {cam['onvif_url']}  {cam['rtsp_main']}  "
-                  f"user {cam['user']} / {cam['password']}", flush=True)
+            print(
+                f"  {cam['id']}  {cam['onvif_url']}  {cam['rtsp_main']}  "
+                f"user {cam['user']} / {cam['password']}",
+                flush=True,
+            )
         print(f"demo: inject a fault:  .venv/bin/camera-sim fault cam-02 black {env_hint}")
         print(f"demo: list cameras:    .venv/bin/camera-sim list {env_hint}")
-        print("demo: not yet built, so not started: edge agent recording and uplink, "
-              "central hub web UI (see `issues`).", flush=True)
+        print(
+            "demo: not yet built, so not started: edge agent recording and uplink, "
+            "central hub web UI (see `issues`).",
+            flush=True,
+        )
         print("demo: running; Ctrl-C stops everything.", flush=True)
         while not stopping:
             for p in procs:
                 if p.poll() is not None:
-                    print(f"demo: {p.args[0]} exited with {p.returncode}; stopping",
-                          file=sys.stderr)
+                    print(f"demo: {p.args!r} exited with {p.returncode}; stopping", file=sys.stderr)
                     return 1
             time.sleep(0.5)  # supervising child processes; no event source to wait on
     except KeyboardInterrupt:

@@ -21,8 +21,10 @@ def wait_for_port(
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before "
-                               f"listening on {host}:{port}")
+            raise RuntimeError(
+                f"process {proc.args!r} exited with {proc.returncode} before "
+                f"listening on {host}:{port}"
+            )
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return

@@ -25,7 +25,9 @@ from simulator.control import (
 )
 from simulator.fleet import Fleet, FleetOptions
 
-_STATE_HELP = "State file of the running simulator (default: per user, in $XDG_RUNTIME_DIR or /tmp)."
+_STATE_HELP = (
+    "State file of the running simulator (default: per user, in $XDG_RUNTIME_DIR or /tmp)."
+)
 
 
 def _resolution(value: str) -> tuple[int, int]:
@@ -52,30 +54,67 @@ def main() -> None:
 @main.command()
 @click.option("--cameras", "-n", default=4, show_default=True, type=click.IntRange(1, 256))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address every camera binds.")
-@click.option("--onvif-port", default=0, type=click.IntRange(0, 65535),
-              help="First ONVIF/HTTP port (camera i uses PORT+i). Default: free ports.")
-@click.option("--rtsp-port", default=0, type=click.IntRange(0, 65535),
-              help="First RTSP port (camera i uses PORT+i). Default: free ports.")
+@click.option(
+    "--onvif-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="First ONVIF/HTTP port (camera i uses PORT+i). Default: free ports.",
+)
+@click.option(
+    "--rtsp-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="First RTSP port (camera i uses PORT+i). Default: free ports.",
+)
 @click.option("--user", default="admin", show_default=True)
 @click.option("--password", default="admin123", show_default=True)
 @click.option("--main-resolution", default="1280x720", show_default=True)
-@click.option("--main-bitrate", default=2000, show_default=True, type=click.IntRange(64, 50000),
-              help="Main profile kbit/s.")
+@click.option(
+    "--main-bitrate",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(64, 50000),
+    help="Main profile kbit/s.",
+)
 @click.option("--sub-resolution", default="640x360", show_default=True)
-@click.option("--sub-bitrate", default=512, show_default=True, type=click.IntRange(64, 50000),
-              help="Sub profile kbit/s.")
+@click.option(
+    "--sub-bitrate",
+    default=512,
+    show_default=True,
+    type=click.IntRange(64, 50000),
+    help="Sub profile kbit/s.",
+)
 @click.option("--codec", type=click.Choice(["H264", "H265"]), default="H264", show_default=True)
-@click.option("--name-prefix", default="Camera", show_default=True,
-              help="Camera names are PREFIX 01, PREFIX 02, ...")
-@click.option("--discovery-interface", default=None, metavar="IPV4",
-              help="Answer WS-Discovery probes on this interface address (off by default; use "
-                   "only on loopback or a test network namespace, never a production LAN).")
+@click.option(
+    "--name-prefix",
+    default="Camera",
+    show_default=True,
+    help="Camera names are PREFIX 01, PREFIX 02, ...",
+)
+@click.option(
+    "--discovery-interface",
+    default=None,
+    metavar="IPV4",
+    help="Answer WS-Discovery probes on this interface address (off by default; use "
+    "only on loopback or a test network namespace, never a production LAN).",
+)
 @click.option("--state-file", type=click.Path(path_type=Path), default=None, help=_STATE_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request and fault.")
 def run(
-    cameras: int, host: str, onvif_port: int, rtsp_port: int, user: str, password: str,
-    main_resolution: str, main_bitrate: int, sub_resolution: str, sub_bitrate: int,
-    codec: str, name_prefix: str, discovery_interface: str | None, state_file: Path | None,
+    cameras: int,
+    host: str,
+    onvif_port: int,
+    rtsp_port: int,
+    user: str,
+    password: str,
+    main_resolution: str,
+    main_bitrate: int,
+    sub_resolution: str,
+    sub_bitrate: int,
+    codec: str,
+    name_prefix: str,
+    discovery_interface: str | None,
+    state_file: Path | None,
     verbose: bool,
 ) -> None:
     """Start N cameras; print one JSON line per camera once all are ready; run until Ctrl-C.
@@ -83,21 +122,27 @@ def run(
     Each line has id, name, onvif_url, rtsp_main, rtsp_sub, snapshot_url, user, password.
     """
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
         format="%(asctime)s camera-sim %(levelname)s %(name)s: %(message)s",
     )
     mw, mh = _resolution(main_resolution)
     sw, sh = _resolution(sub_resolution)
     options = FleetOptions(
-        cameras=cameras, host=host, onvif_port=onvif_port, rtsp_port=rtsp_port, user=user,
-        password=password, main=(mw, mh, main_bitrate), sub=(sw, sh, sub_bitrate),
+        cameras=cameras,
+        host=host,
+        onvif_port=onvif_port,
+        rtsp_port=rtsp_port,
+        user=user,
+        password=password,
+        main=(mw, mh, main_bitrate),
+        sub=(sw, sh, sub_bitrate),
         codec=codec,  # type: ignore[arg-type]  # click.Choice guarantees the literal
-        name_prefix=name_prefix, discovery_interface=discovery_interface,
+        name_prefix=name_prefix,
+        discovery_interface=discovery_interface,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(options, state_file or default_state_file()))
-    except KeyboardInterrupt:
-        pass
 
 
 async def _run(options: FleetOptions, state_file: Path) -> None:
@@ -106,8 +151,11 @@ async def _run(options: FleetOptions, state_file: Path) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    click.echo(f"camera-sim: starting {options.cameras} cameras (first start encodes the "
-               "looping clips; later starts reuse the cache)...", err=True)
+    click.echo(
+        f"camera-sim: starting {options.cameras} cameras (first start encodes the "
+        "looping clips; later starts reuse the cache)...",
+        err=True,
+    )
     runner: web.AppRunner | None = None
     try:
         await fleet.start()
@@ -122,19 +170,22 @@ async def _run(options: FleetOptions, state_file: Path) -> None:
         for cam in fleet.cameras:
             click.echo(json.dumps(cam.announcement()))
         sys.stdout.flush()
-        click.echo(f"camera-sim: {len(fleet.cameras)} cameras ready; control API {url}; "
-                   "Ctrl-C stops", err=True)
+        click.echo(
+            f"camera-sim: {len(fleet.cameras)} cameras ready; control API {url}; Ctrl-C stops",
+            err=True,
+        )
         await stop.wait()
     finally:
         with contextlib.suppress(FileNotFoundError):
-            state_file.unlink()
+            state_file.unlink()  # noqa: ASYNC240 - one unlink at shutdown
         if runner is not None:
             await runner.cleanup()
         await fleet.stop()
 
 
-def _control(state_file: Path | None, method: str, path: str, body: dict[str, Any] | None = None
-             ) -> Any:
+def _control(
+    state_file: Path | None, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
     try:
         return asyncio.run(call(state_file or default_state_file(), method, path, body))
     except ControlError as exc:
@@ -154,8 +205,9 @@ def list_(as_json: bool, state_file: Path | None) -> None:
     click.echo(f"{'ID':8} {'NAME':14} {'ONVIF':40} {'RTSP MAIN':36} FAULTS")
     for cam in cams:
         faults = ", ".join(cam["faults"]) or "-"
-        click.echo(f"{cam['id']:8} {cam['name']:14} {cam['onvif_url']:40} "
-                   f"{cam['rtsp_main']:36} {faults}")
+        click.echo(
+            f"{cam['id']:8} {cam['name']:14} {cam['onvif_url']:40} {cam['rtsp_main']:36} {faults}"
+        )
 
 
 @main.command()

@@ -17,7 +17,7 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from simulator.fleet import FaultError, Fleet
 
-TOKEN_HEADER = "X-Camera-Sim-Token"
+TOKEN_HEADER = "X-Camera-Sim-Token"  # noqa: S105 - a header name, not a secret
 
 
 def default_state_file() -> Path:
@@ -49,7 +49,9 @@ def make_control_app(fleet: Fleet, token: str) -> web.Application:
         except json.JSONDecodeError:
             return web.json_response({"error": "body must be JSON"}, status=400)
         if not isinstance(body, dict) or not isinstance(body.get("kind"), str):
-            return web.json_response({"error": 'body must be {"kind": str, "value"?: num}'}, 400)
+            return web.json_response(
+                {"error": 'body must be {"kind": str, "value"?: num}'}, status=400
+            )
         value = body.get("value")
         if value is not None and not isinstance(value, int | float):
             return web.json_response({"error": "value must be a number"}, status=400)
@@ -87,9 +89,7 @@ def _read_state_file(path: Path) -> dict[str, Any]:
     return state
 
 
-async def call(
-    state_file: Path, method: str, path: str, body: dict[str, Any] | None = None
-) -> Any:
+async def call(state_file: Path, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One request to a running simulator's control API; errors become ControlError."""
     state = _read_state_file(state_file)
     headers = {TOKEN_HEADER: state["token"]}

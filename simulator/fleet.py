@@ -127,7 +127,7 @@ class Fleet:
         elif kind == "stall":
             f.stall = True
         elif kind in PICTURES:
-            f.picture = kind  # type: ignore[assignment]  # checked against PICTURES
+            f.picture = kind
         elif kind == "clock-skew":
             f.clock_skew_s = _need_value(kind, value)
         elif kind == "wrong-credentials":
