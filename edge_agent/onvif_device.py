@@ -83,18 +83,19 @@ def _import_onvif() -> ModuleType:
 
 def _classify(exc: BaseException) -> tuple[str, str]:
     """Map an exception from the ONVIF stack to (reason code, one-line message)."""
+    from onvif.exceptions import ONVIFAuthError, ONVIFError
     from zeep.exceptions import Fault, TransportError, XMLSyntaxError
 
-    onvif = _import_onvif()
+    _import_onvif()
     text = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return "timeout", "no answer from the camera in time"
-    if isinstance(exc, onvif.ONVIFAuthError):
+    if isinstance(exc, ONVIFAuthError):
         return "unauthorized", "the camera refused the user name or password"
     if isinstance(exc, Fault):
         # a wrong password surfaces as a plain SOAP Fault (FIELD-NOTES), recognise it by code
         code = str(getattr(exc, "subcodes", "") or "") + " " + str(exc.code or "") + " " + text
-        if "NotAuthorized" in code or "Sender not Authorized" in text:
+        if "notauthorized" in code.lower() or "not authorized" in text.lower():
             return "unauthorized", "the camera refused the user name or password"
         return "soap_fault", f"SOAP fault: {text}"
     if isinstance(exc, TransportError):
@@ -103,7 +104,7 @@ def _classify(exc: BaseException) -> tuple[str, str]:
         return "bad_response", f"HTTP {exc.status_code} from the camera"
     if isinstance(exc, XMLSyntaxError):
         return "bad_response", "the camera answered with malformed XML"
-    if isinstance(exc, onvif.ONVIFError):
+    if isinstance(exc, ONVIFError):
         inner = text.lower()
         if "refused" in inner or "cannot connect" in inner or "connect call failed" in inner:
             return "unreachable", "connection refused: no ONVIF service at that address"

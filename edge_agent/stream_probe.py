@@ -89,10 +89,15 @@ def _measure(url: str, seconds: float) -> StreamMeasurement:
         key_times: list[float] = []
         start = time.monotonic()
         last_packet = start
+        first_pts: int | None = None
+        last_pts: int | None = None
         for packet in container.demux(video):
             now = time.monotonic()
             if packet.size == 0:
                 continue
+            if packet.pts is not None:
+                first_pts = packet.pts if first_pts is None else first_pts
+                last_pts = packet.pts
             m.packets += 1
             nbytes += packet.size
             last_packet = now
@@ -105,9 +110,16 @@ def _measure(url: str, seconds: float) -> StreamMeasurement:
         if m.packets < 2:
             m.error, m.error_message = "stall", "the stream opened but sent no video packets"
             return m
-        if m.seconds > 0:
-            m.fps = round(m.packets / m.seconds, 2)
-            m.bitrate_kbps = round(nbytes * 8 / 1000 / m.seconds, 1)
+        # rates over media time: a session starts with a burst (the server's buffered GOP), so
+        # packets per wall-clock second overstate fps on a short pull
+        span = m.seconds
+        if first_pts is not None and last_pts is not None and video.time_base:
+            media = float((last_pts - first_pts) * video.time_base)
+            if media > 0.5:
+                span = media * m.packets / max(1, m.packets - 1)
+        if span > 0:
+            m.fps = round(m.packets / span, 2)
+            m.bitrate_kbps = round(nbytes * 8 / 1000 / span, 1)
         if len(key_times) >= 2:
             m.keyframe_interval_s = round((key_times[-1] - key_times[0]) / (len(key_times) - 1), 2)
     except (av.FFmpegError, OSError) as exc:

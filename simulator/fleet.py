@@ -84,6 +84,7 @@ class Fleet:
         """Start every camera; returns once all of them accept ONVIF and RTSP connections."""
         self._build()
         await self._rtsp.start()
+        await self._rtsp.prepare(self.cameras)  # encode missing clips on every core at once
         for cam in self.cameras:
             await self._rtsp.add_camera(cam)
             server = OnvifServer(cam, _snapshot)

@@ -37,7 +37,9 @@ class RunningSimulator:
         """Run another camera-sim command against this simulator."""
         return subprocess.run(
             [str(BIN / "camera-sim"), *args, "--state-file", str(self.state_file)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
 
     def stop(self) -> int:
@@ -55,9 +57,17 @@ def start_simulator(tmp_path: Path, *args: str, cameras: int = 2) -> RunningSimu
     """Start `camera-sim run` and wait for its JSON announcement lines."""
     state_file = tmp_path / f"sim-{len(list(tmp_path.glob('sim-*.json')))}.json"
     proc = subprocess.Popen(
-        [str(BIN / "camera-sim"), "run", "--cameras", str(cameras), "--state-file",
-         str(state_file), *args],
-        stdout=subprocess.PIPE, text=True,
+        [
+            str(BIN / "camera-sim"),
+            "run",
+            "--cameras",
+            str(cameras),
+            "--state-file",
+            str(state_file),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     cams = []
