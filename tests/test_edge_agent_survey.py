@@ -102,7 +102,8 @@ def test_survey_json_gives_every_camera_a_correct_verdict(
     # the 15 s target is measured in bench/, never asserted here (no timing assertions)
     print(f"survey of 16 cameras took {elapsed:.1f} s")
     html = (tmp_path / "survey.html").read_text()
-    assert html.count("data:image/jpeg;base64,") == 12
+    # every camera that answered ONVIF has its snapshot inlined (skewed and stalled ones too)
+    assert html.count("data:image/jpeg;base64,") == 14
     assert "KHÔNG ĐẠT" in html
 
 
