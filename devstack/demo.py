@@ -5,7 +5,6 @@ Run through `scripts/demo.sh`. Everything lives under .demo/ in the checkout and
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,36 +14,11 @@ from pathlib import Path
 from types import FrameType
 
 from devstack.broker import BrokerUnavailable, Mosquitto
+from devstack.simulator import launch_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / ".demo"
 BIN = Path(sys.executable).parent
-
-
-def _start_simulator(cameras: int, state_file: Path) -> tuple[subprocess.Popen[str], list[dict]]:
-    """Start camera-sim and wait for its per-camera JSON lines (it prints them once ready)."""
-    proc = subprocess.Popen(
-        [
-            str(BIN / "camera-sim"),
-            "run",
-            "--cameras",
-            str(cameras),
-            "--state-file",
-            str(state_file),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    cams = []
-    for _ in range(cameras):
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(
-                f"camera-sim exited with {proc.wait()} before its cameras were ready"
-            )
-        cams.append(json.loads(line))
-    return proc, cams
 
 
 def main() -> int:
@@ -66,7 +40,7 @@ def main() -> int:
             return 1
         print(f"demo: Mosquitto broker on {broker.url}", flush=True)
         state_file = DEMO_DIR / "camera-sim.json"
-        sim, cams = _start_simulator(4, state_file)
+        sim, cams = launch_simulator(state_file, cameras=4)
         procs.append(sim)
         env_hint = f"--state-file {state_file}"
         print("demo: 4 simulated ONVIF cameras:", flush=True)

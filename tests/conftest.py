@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from devstack.broker import Mosquitto
+from devstack.simulator import launch_simulator
 
 BIN = Path(sys.executable).parent
 
@@ -56,26 +56,7 @@ class RunningSimulator:
 def start_simulator(tmp_path: Path, *args: str, cameras: int = 2) -> RunningSimulator:
     """Start `camera-sim run` and wait for its JSON announcement lines."""
     state_file = tmp_path / f"sim-{len(list(tmp_path.glob('sim-*.json')))}.json"
-    proc = subprocess.Popen(
-        [
-            str(BIN / "camera-sim"),
-            "run",
-            "--cameras",
-            str(cameras),
-            "--state-file",
-            str(state_file),
-            *args,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    cams = []
-    for _ in range(cameras):
-        line = proc.stdout.readline()  # blocks until ready; pytest-timeout bounds it
-        if not line:
-            raise RuntimeError(f"camera-sim exited with {proc.wait()} before it was ready")
-        cams.append(json.loads(line))
+    proc, cams = launch_simulator(state_file, *args, cameras=cameras)
     return RunningSimulator(proc, cams, state_file)
 
 
