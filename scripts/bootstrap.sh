@@ -12,6 +12,8 @@ APT_PACKAGES=(
   gstreamer1.0-plugins-ugly       # camera-sim's RTSP server (used from /usr/bin/python3)
   iproute2                        # network namespaces for the WS-Discovery tests
   ffmpeg                          # the baseline recorder in bench/
+  postgresql                      # the hub's PostgreSQL tests start their own cluster (initdb)
+  chromium chromium-driver        # headless browser tests of the hub's pages
 )
 
 say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }

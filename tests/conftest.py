@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from devstack.broker import Mosquitto
+from devstack.postgres import Postgres
 from devstack.simulator import launch_simulator
 
 BIN = Path(sys.executable).parent
@@ -73,3 +75,30 @@ def simulator_factory(tmp_path: Path) -> Iterator[Callable[..., RunningSimulator
     yield factory
     for sim in started:
         sim.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One private PostgreSQL cluster for the session (initdb into a temporary directory).
+
+    If it cannot start, every test using it fails with the reason; none is skipped."""
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+_db_counter = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty hub database URL: a SQLite file, then (second run) a new PostgreSQL
+    database in the session's private cluster. Tests taking it run once on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'hub.db'}"
+    server: Postgres = request.getfixturevalue("postgres_server")
+    name = f"t{next(_db_counter)}"
+    with psycopg.connect(server.url.replace("+psycopg", "").rsplit("/", 1)[0] + "/isocam",
+                         autocommit=True) as conn:  # fmt: skip
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return server.url.rsplit("/", 1)[0] + "/" + name
