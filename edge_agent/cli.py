@@ -338,3 +338,83 @@ def verify(
     report = run_verify(ddir, public_key=key, hash_files=not quick)
     click.echo(report.to_json() if as_json else report.render())
     sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.option(
+    "--config", "-c", type=click.Path(path_type=Path), default=DEFAULT_CONFIG, show_default=True
+)
+def run(config: Path) -> None:
+    """Run the facility daemon: record every camera into sealed segments, watch their health,
+    and report to the hub. Stops cleanly on SIGTERM or Ctrl-C (open segments are finished)."""
+    import signal
+
+    from edge_agent.config import ConfigError, config_warnings, load_config
+    from edge_agent.daemon import EdgeDaemon
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    logging.basicConfig(
+        level=getattr(logging, cfg.logging.level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s edge-agent %(levelname)s %(name)s: %(message)s",
+    )
+    for warning in config_warnings(cfg):
+        logging.getLogger("edge_agent").warning("%s", warning)
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await EdgeDaemon(cfg).run(stop)
+
+    try:
+        asyncio.run(main_loop())
+    except Exception as exc:  # say what happened in one line; the traceback is in the log
+        logging.getLogger("edge_agent").exception("edge agent stopped by an error")
+        raise click.ClickException(f"edge agent stopped: {exc}") from None
+
+
+@main.command()
+@click.option(
+    "--config", "-c", type=click.Path(path_type=Path), default=DEFAULT_CONFIG, show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+def status(config: Path, as_json: bool) -> None:
+    """Show the live state of the local daemon (cameras, recording, disk, uplink)."""
+    import aiohttp
+
+    from edge_agent.daemon import query_status
+
+    cfg = _load(config)
+    if cfg is None:
+        raise click.ClickException(f"{config} not found: give --config")
+    try:
+        data = asyncio.run(query_status(cfg.status.socket))
+    except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+        raise click.ClickException(
+            f"no edge agent answers on {cfg.status.socket} ({exc}); is `edge-agent run` running?"
+        ) from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    up = data.get("uplink") or {}
+    click.echo(
+        f"Điểm / site {data['site']}  agent {data['agent_version']}  "
+        f"uptime {data['uptime_s']:.0f} s  disk {data['disk']['level']} "
+        f"(forecast {data['disk']['forecast_days'] or '?'} days)  "
+        f"uplink {'connected' if up.get('connected') else 'DOWN'}"
+        + (f" spool {up.get('spool_depth')}" if up else "")
+    )
+    if data.get("alarms"):
+        click.echo("Cảnh báo / alarms: " + ", ".join(data["alarms"]))
+    click.echo(f"{'CAMERA':10} {'STATE':12} {'FPS':>6} {'KBIT/S':>8} {'SEGS':>5}  NOTE")
+    for cam in data["cameras"]:
+        note = cam.get("last_error") or cam.get("reason") or ""
+        click.echo(
+            f"{cam['id']:10} {cam['state']:12} {cam['fps'] or 0:6.1f} "
+            f"{cam['bitrate_kbps'] or 0:8.0f} {cam['segments']:5}  {note}"
+        )

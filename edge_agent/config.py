@@ -97,12 +97,19 @@ class StorageConfig:
     data_dir: Path
     retention_days: int
     allow_below_legal_minimum: bool
+    reserve_gib: float
+    warn_margin_days: float
+    floor_grace_seconds: float
 
 
 @dataclass(frozen=True)
 class RecordingConfig:
     segment_seconds: int
     fragment_seconds: float
+    stall_seconds: float
+    startup_grace_seconds: float
+    backoff_max_seconds: float
+    fsync_every_fragments: int
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,7 @@ class DiscoveryConfig:
     enabled: bool
     interfaces: tuple[str, ...]
     timeout_seconds: float
+    rescan_minutes: float
 
 
 @dataclass(frozen=True)
@@ -629,6 +637,13 @@ def _cross_check(values: dict[str, Any], errors: list[str]) -> None:
             errors.append(
                 "recording.fragment_seconds: expected less than recording.segment_seconds "
                 f"({segment}), got {fragment:g}"
+            )
+    if valid("recording.stall_seconds", "recording.startup_grace_seconds"):
+        stall, grace = values["recording.stall_seconds"], values["recording.startup_grace_seconds"]
+        if grace < stall:
+            errors.append(
+                "recording.startup_grace_seconds: expected at least recording.stall_seconds "
+                f"({stall:g}), got {grace:g}"
             )
     tls_keys = ("mqtt.ca_file", "mqtt.cert_file", "mqtt.key_file")
     if valid("mqtt.url", *tls_keys):

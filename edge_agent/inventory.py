@@ -49,7 +49,7 @@ class InventoryCamera:
 
 
 class Inventory:
-    """Camera rows in DATA/edge.db; thread-safe, one short write transaction per update."""
+    """Camera rows in DATA/inventory.db; thread-safe, one short write transaction per update."""
 
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)

@@ -446,6 +446,31 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         False,
         "Allow storage.retention_days below the legal minimum (a test bench, never a facility).",
     ),
+    Setting(
+        "storage.reserve_gib",
+        "float",
+        2.0,
+        "Free space kept on the data volume. Below it, the oldest segments beyond the retention "
+        "floor are deleted (signed tombstones); inside the floor only after a critical alarm "
+        "and storage.floor_grace_seconds.",
+        (between(0.05, 10000),),
+    ),
+    Setting(
+        "storage.warn_margin_days",
+        "float",
+        7.0,
+        "Warn when the volume holds fewer than retention_days + this many days of footage at "
+        "the measured bit rates.",
+        (between(0, 3650),),
+    ),
+    Setting(
+        "storage.floor_grace_seconds",
+        "float",
+        600.0,
+        "On a full disk, seconds between the critical alarm and the first deletion of footage "
+        "inside the retention floor (time for the NOC to act).",
+        (between(0, 86400),),
+    ),
     # recording
     Setting(
         "recording.segment_seconds",
@@ -461,6 +486,37 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Length of one fMP4 fragment, the unit sealed as it is produced (a crash loses at "
         "most one). Must be shorter than recording.segment_seconds.",
         (between(0.1, 10),),
+    ),
+    Setting(
+        "recording.stall_seconds",
+        "float",
+        5.0,
+        "A stream that delivers no packet for this long is stalled: the gap is recorded and the "
+        "recorder reconnects.",
+        (between(1, 120),),
+    ),
+    Setting(
+        "recording.startup_grace_seconds",
+        "float",
+        15.0,
+        "After connecting, how long the first keyframe may take before the stream counts as "
+        "stalled (many cameras opening at once are slow). At least recording.stall_seconds.",
+        (between(1, 300),),
+    ),
+    Setting(
+        "recording.backoff_max_seconds",
+        "float",
+        30.0,
+        "Longest wait between reconnect attempts (the wait doubles from 1 s up to this).",
+        (between(1, 600),),
+    ),
+    Setting(
+        "recording.fsync_every_fragments",
+        "integer",
+        1,
+        "fdatasync a segment file every N sealed fragments (0: only when a segment ends). Bounds "
+        "what a power cut takes; a killed process loses nothing written.",
+        (between(0, 600),),
     ),
     # cameras
     Setting(
@@ -575,6 +631,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         3.0,
         "How long one probe waits for answers (cameras answer within 0.5 s by the spec).",
         (between(0.5, 30),),
+    ),
+    Setting(
+        "discovery.rescan_minutes",
+        "float",
+        10.0,
+        "Minutes between full rescans (probe + ONVIF query of every camera), which notice "
+        "cameras that changed address. Hello messages are handled as they arrive.",
+        (between(1, 1440),),
     ),
     # mqtt
     Setting(

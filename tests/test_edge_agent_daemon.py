@@ -1,0 +1,271 @@
+"""`edge-agent run` against the simulator: enrolment, recording, events, status, restarts.
+
+Cameras come from a real `camera-sim` process (ONVIF + RTSP); the daemon runs in this test's
+event loop (in-process tests) or as the real `edge-agent run` command (process tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.config import load_config
+from edge_agent.daemon import EdgeDaemon, Timings, query_status
+from edge_agent.segment_store import open_reader
+from sitelink import messages as m
+from sitelink.sealed_segment import generate_private_key, write_public_key
+
+BIN = Path(sys.executable).parent
+
+
+def write_config(
+    tmp_path: Path,
+    cams: list[dict[str, Any]],
+    *,
+    onvif: int,
+    rtsp: int = 0,
+    extra: str = "",
+) -> Path:
+    """An edge.toml pinning the first `onvif` cameras by ONVIF address and the next `rtsp` by
+    RTSP URL; discovery off (no multicast leaves this machine)."""
+    key = generate_private_key()
+    write_public_key(key.public_key(), tmp_path / "viewer.pub")
+    lines = [
+        "[site]",
+        'id = "hcm-q7-kcl01"',
+        'name = "Khu cách ly Q7"',
+        'province = "Hồ Chí Minh"',
+        'district = "Quận 7"',
+        'kind = "facility"',
+        'authority = "health"',
+        'operator = "vnpt"',
+        "[storage]",
+        f'data_dir = "{tmp_path / "data"}"',
+        "reserve_gib = 0.05",
+        "[recording]",
+        "segment_seconds = 10",
+        "stall_seconds = 3",
+        "startup_grace_seconds = 10",
+        "backoff_max_seconds = 2",
+        "[credentials]",
+        f'user = "{cams[0]["user"]}"',
+        f'password = "{cams[0]["password"]}"',
+        "[discovery]",
+        "enabled = false",
+        "[mqtt]",
+        'url = "mqtt://127.0.0.1:1"',
+        "[keys]",
+        f'recipient_files = ["{tmp_path / "viewer.pub"}"]',
+        "[status]",
+        f'socket = "{tmp_path / "edge.sock"}"',
+        "[metrics]",
+        'listen = ""',
+    ]
+    for cam in cams[:onvif]:
+        host_port = cam["onvif_url"].split("/")[2]
+        lines += ["[[cameras.onvif]]", f'address = "{host_port}"']
+    for i, cam in enumerate(cams[onvif : onvif + rtsp]):
+        lines += [
+            "[[cameras.rtsp]]",
+            f'id = "rtsp-{i + 1:02d}"',
+            f'name = "{cam["name"]}"',
+            f'rtsp_main = "{cam["rtsp_main"]}"',
+        ]
+    path = tmp_path / "edge.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+async def until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Poll a real observable until it holds; fail with `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+class Collected:
+    """The daemon's events, as its uplink would receive them."""
+
+    def __init__(self) -> None:
+        self.events: list[m.EventBase] = []
+
+    async def __call__(self, event: m.EventBase) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type[m.EventBase], **match: Any) -> list[Any]:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, kind) and all(getattr(e, k) == v for k, v in match.items())
+        ]
+
+
+async def test_daemon_records_pinned_cameras_reports_gaps_and_restarts_cleanly(
+    tmp_path: Path, simulator_factory: Callable[..., Any]
+) -> None:
+    sim = simulator_factory(cameras=3)
+    cfg = load_config(write_config(tmp_path, sim.cameras, onvif=2, rtsp=1))
+    events = Collected()
+    daemon = EdgeDaemon(cfg, timings=Timings(sign_heads=5.0, disk=2.0), event_sink=events)
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.run(stop))
+    try:
+        await until(lambda: daemon.ready.is_set() or run.done(), 60, "daemon ready")
+        if run.done():
+            run.result()  # the daemon failed: show why
+        assert daemon.cameras is not None
+        ids = sorted(daemon.cameras.cameras)
+        assert ids == ["cam-001", "cam-002", "rtsp-01"]
+        await until(lambda: len(events.of(m.CameraUp)) == 3, 30, "three cameras up")
+
+        status = await query_status(cfg.status.socket)
+        assert {c["id"] for c in status["cameras"]} == set(ids)
+        assert status["site"] == "hcm-q7-kcl01"
+
+        # a stalled stream: one gap with cause `stall`, closed when the stream returns
+        cam_sim = sim.cameras[0]["id"]
+        by_serial = {c.serial: c.id for c in daemon.cameras.inventory.cameras()}
+        stalled = by_serial[sim.cameras[0]["serial"]]
+        healthy = by_serial[sim.cameras[1]["serial"]]
+        assert sim.cli("fault", cam_sim, "stall").returncode == 0
+        await until(lambda: bool(events.of(m.GapOpened, camera=stalled)), 30, "gap opened")
+        opened = events.of(m.GapOpened, camera=stalled)[0]
+        assert opened.cause == "stall"
+        assert sim.cli("fault", cam_sim, "clear").returncode == 0
+        await until(lambda: bool(events.of(m.GapClosed, camera=stalled)), 30, "gap closed")
+        closed = events.of(m.GapClosed, camera=stalled)[0]
+        assert closed.start == opened.start and closed.end > closed.start
+        # the other cameras never stopped
+        assert not events.of(m.GapOpened, camera=healthy)
+        assert not events.of(m.GapOpened, camera="rtsp-01")
+
+        await until(lambda: bool(events.of(m.ChainHead)), 30, "a signed chain head")
+        inventory = daemon.cameras.inventory_message()
+        assert {c.id for c in inventory.cameras} == set(ids)
+        assert inventory.site.province == "Hồ Chí Minh"
+    finally:
+        stop.set()
+        await run
+
+    started = events.of(m.AgentStarted)
+    assert len(started) == 1 and started[0].clean_shutdown is None  # first start
+    db = open_reader(cfg.storage.data_dir)
+    rows = db.execute("select camera_id, count(*) from segments group by camera_id").fetchall()
+    assert {r[0] for r in rows} == set(ids)
+    gaps = db.execute("select cause, end from gaps where camera_id = ?", [stalled]).fetchall()
+    assert [g[0] for g in gaps] == ["stall"] and gaps[0][1] is not None
+    db.close()
+
+    # second run: same ids, the previous run ended cleanly
+    events2 = Collected()
+    daemon2 = EdgeDaemon(cfg, event_sink=events2)
+    stop2 = asyncio.Event()
+    run2 = asyncio.create_task(daemon2.run(stop2))
+    try:
+        await until(lambda: daemon2.ready.is_set() or run2.done(), 60, "daemon ready again")
+        if run2.done():
+            run2.result()
+        assert daemon2.cameras is not None
+        assert sorted(daemon2.cameras.cameras) == ids
+    finally:
+        stop2.set()
+        await run2
+    assert events2.of(m.AgentStarted)[0].clean_shutdown is True
+
+
+def test_edge_agent_run_survives_kill_and_status_command_works(
+    tmp_path: Path, simulator_factory: Callable[..., Any]
+) -> None:
+    sim = simulator_factory(cameras=1)
+    config = write_config(tmp_path, sim.cameras, onvif=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [str(BIN / "edge-agent"), "run", "--config", str(config)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def wait_recording(proc: subprocess.Popen[str]) -> dict[str, Any]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (
+                f"edge-agent exited: {proc.stderr.read() if proc.stderr else ''}"
+            )
+            res = subprocess.run(
+                [str(BIN / "edge-agent"), "status", "--json", "--config", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if res.returncode == 0:
+                data: dict[str, Any] = json.loads(res.stdout)
+                if data["cameras"] and data["cameras"][0]["segments"] >= 1:
+                    return data
+            time.sleep(0.5)
+        raise AssertionError("no segment recorded within 60 s")
+
+    proc = start()
+    try:
+        wait_recording(proc)
+        table = subprocess.run(
+            [str(BIN / "edge-agent"), "status", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert table.returncode == 0 and "cam-001" in table.stdout and "recording" in table.stdout
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = json.loads((tmp_path / "data" / "agent-state.json").read_text())
+    assert state["running"] is True  # killed: never marked stopped
+
+    proc = start()
+    try:
+        data = wait_recording(proc)
+        assert data["cameras"][0]["id"] == "cam-001"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "start-up reconcile" in log
+    assert json.loads((tmp_path / "data" / "agent-state.json").read_text())["running"] is False
+
+    # no agent running: status says so clearly
+    res = subprocess.run(
+        [str(BIN / "edge-agent"), "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode != 0 and "is `edge-agent run` running?" in res.stderr
+
+
+@pytest.mark.parametrize("missing", ["site"])
+def test_run_refuses_a_bad_config_with_every_problem_named(tmp_path: Path, missing: str) -> None:
+    bad = tmp_path / "edge.toml"
+    bad.write_text("[storage]\nretention_days = 7\n")
+    res = subprocess.run(
+        [str(BIN / "edge-agent"), "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode != 0
+    assert "site.id" in res.stderr and "storage.retention_days" in res.stderr
