@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,14 @@ BIN = Path(sys.executable).parent
 
 
 def launch_simulator(
-    state_file: Path, *args: str, cameras: int = 4
+    state_file: Path, *args: str, cameras: int = 4, prefix: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[str], list[dict[str, Any]]]:
-    """Start camera-sim and read the JSON line it prints per camera once all are ready."""
+    """Start camera-sim and read the JSON line it prints per camera once all are ready.
+
+    `prefix` runs it through another command, e.g. ``ip netns exec NS``."""
     proc = subprocess.Popen(
         [
+            *prefix,
             str(BIN / "camera-sim"),
             "run",
             "--cameras",

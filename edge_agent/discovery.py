@@ -196,11 +196,13 @@ def _target(element: etree._Element) -> TargetService | None:
     endpoint = _clean(_text(_child(_child(element, "EndpointReference"), "Address")))
     if not endpoint:
         return None
-    scopes = tuple(_clean(s) for s in _tokens(_child(element, "Scopes")))
+    raw_scopes = _tokens(_child(element, "Scopes"))
+    scopes = tuple(_clean(s) for s in raw_scopes)
     name = hardware = None
     locations: list[str] = []
     profiles: list[str] = []
-    for scope in scopes:
+    # decode before capping: a cap inside a percent-encoded character would garble the name
+    for scope in raw_scopes:
         found = _ONVIF_SCOPE.fullmatch(scope)
         if not found:
             continue

@@ -98,6 +98,14 @@ def main() -> None:
     help="Answer WS-Discovery probes on this interface address (off by default; use "
     "only on loopback or a test network namespace, never a production LAN).",
 )
+@click.option(
+    "--first-index",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 999_999),
+    help="Number of the first camera (ids cam-NN, names and serials SIM0000NN follow it); "
+    "lets several simulators play one site without repeating a serial number.",
+)
 @click.option("--state-file", type=click.Path(path_type=Path), default=None, help=_STATE_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log every request and fault.")
 def run(
@@ -114,6 +122,7 @@ def run(
     codec: str,
     name_prefix: str,
     discovery_interface: str | None,
+    first_index: int,
     state_file: Path | None,
     verbose: bool,
 ) -> None:
@@ -140,6 +149,7 @@ def run(
         codec=codec,  # type: ignore[arg-type]  # click.Choice guarantees the literal
         name_prefix=name_prefix,
         discovery_interface=discovery_interface,
+        first_index=first_index,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_run(options, state_file or default_state_file()))

@@ -41,6 +41,9 @@ class FleetOptions:
     codec: Codec = "H264"
     name_prefix: str = "Camera"
     discovery_interface: str | None = None  # IPv4 address to answer WS-Discovery on; None: off
+    #: number of the first camera (ids, names and serials follow it), so several simulators
+    #: can play one site without two cameras sharing a serial number
+    first_index: int = 1
 
 
 def _snapshot(cam: VirtualCamera) -> bytes:
@@ -68,9 +71,9 @@ class Fleet:
             )
             self.cameras.append(
                 VirtualCamera(
-                    index=i + 1,
-                    id=f"cam-{i + 1:02d}",
-                    name=f"{o.name_prefix} {i + 1:02d}",
+                    index=o.first_index + i,
+                    id=f"cam-{o.first_index + i:02d}",
+                    name=f"{o.name_prefix} {o.first_index + i:02d}",
                     host=o.host,
                     onvif_port=o.onvif_port + i if o.onvif_port else 0,
                     rtsp_port=o.rtsp_port + i if o.rtsp_port else 0,

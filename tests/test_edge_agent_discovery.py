@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import re
-import secrets
 import socket
 import struct
-import subprocess
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from devstack.netns import NetnsUnavailable, VethPair, inside_netns, veth_pair
 from edge_agent import discovery
 from edge_agent.discovery import (
     MAX_MESSAGE_BYTES,
@@ -517,89 +514,15 @@ def test_resolve_interfaces_maps_names_and_refuses_unknown_ones() -> None:
 
 # --- the network: two namespaces joined by a veth pair ---------------------------------------
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def inside_netns(name: str) -> Iterator[None]:
-    """Run the calling thread in network namespace `name`; sockets made here stay there."""
-    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
-        try:
-            yield
-        finally:
-            if _libc.setns(original, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back to the original namespace failed")
-    finally:
-        os.close(target)
-        os.close(original)
-
-
-@dataclass(frozen=True)
-class VethPair:
-    camera_ns: str
-    box_ns: str
-    camera_if: str
-    box_if: str
-
-
-def _ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
 
 @pytest.fixture(scope="module")
 def veth() -> Iterator[VethPair]:
     """Two fresh namespaces, 10.231.9.1/24 and 10.231.9.2/24 on a veth pair between them."""
-    tag = f"{os.getpid() % 0xFFFF:04x}{secrets.token_hex(2)}"
-    pair = VethPair(f"isocam-cam-{tag}", f"isocam-box-{tag}", f"vc{tag}", f"vb{tag}")
-    created: list[str] = []
     try:
-        for ns in (pair.camera_ns, pair.box_ns):
-            _ip("netns", "add", ns)
-            created.append(ns)
-        # created straight inside the namespaces: the pair never exists next to eth0
-        _ip("link", "add", pair.camera_if, "netns", pair.camera_ns, "type", "veth",
-            "peer", "name", pair.box_if, "netns", pair.box_ns)  # fmt: skip
-        for ns, dev, addr in (
-            (pair.camera_ns, pair.camera_if, CAMERA_IP),
-            (pair.box_ns, pair.box_if, BOX_IP),
-        ):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", dev)
-        deadline = time.monotonic() + 10
-        for ns, dev in ((pair.camera_ns, pair.camera_if), (pair.box_ns, pair.box_if)):
-            while (
-                "LOWER_UP"
-                not in subprocess.run(
-                    ["ip", "-n", ns, "link", "show", dev],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                ).stdout
-            ):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{dev} in {ns} never came up")
-                time.sleep(0.02)  # polling link state: there is no event to await
-    except (RuntimeError, OSError) as exc:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
-        pytest.fail(
-            f"cannot build the test network namespaces (needs root and iproute2): {exc}",
-            pytrace=False,
-        )
-    try:
-        yield pair
-    finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+        with veth_pair(CAMERA_IP, BOX_IP) as pair:
+            yield pair
+    except NetnsUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 _IP_RECVTTL = 12  # Linux, not exported by Python 3.11's socket module
