@@ -35,6 +35,7 @@ from edge_agent.cameras import CameraManager
 from edge_agent.config import EdgeConfig
 from edge_agent.device_key import load_or_create_device_key
 from edge_agent.inventory import Inventory
+from edge_agent.metrics import start_metrics_server
 from edge_agent.recorder import RecorderConfig
 from edge_agent.retention import DiskAlarm, DiskPlanner, DiskPolicy, Retention, RetentionPolicy
 from edge_agent.segment_store import SegmentStore
@@ -95,6 +96,7 @@ class EdgeDaemon:
         self.planner: DiskPlanner | None = None
         self._jobs: list[asyncio.Task[None]] = []
         self._status_runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self.ready = asyncio.Event()
 
     # -- events --------------------------------------------------------------------------------
@@ -168,6 +170,8 @@ class EdgeDaemon:
             reason="agent start",
         )
         await self._start_status_server()
+        if cfg.metrics.listen:
+            self._metrics_runner = await start_metrics_server(cfg.metrics.listen, self.status)
         try:
             await self.cameras.start()
             retention_runner = Retention(store, retention)
@@ -203,6 +207,8 @@ class EdgeDaemon:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self._sign_heads()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
         if self._status_runner is not None:
             await self._status_runner.cleanup()
             with contextlib.suppress(FileNotFoundError):

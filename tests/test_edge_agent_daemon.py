@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from devstack.ports import free_port
 from edge_agent.config import load_config
 from edge_agent.daemon import EdgeDaemon, Timings, query_status
 from edge_agent.segment_store import open_reader
@@ -35,6 +37,7 @@ def write_config(
     onvif: int,
     rtsp: int = 0,
     extra: str = "",
+    metrics: str = "",
 ) -> Path:
     """An edge.toml pinning the first `onvif` cameras by ONVIF address and the next `rtsp` by
     RTSP URL; discovery off (no multicast leaves this machine)."""
@@ -69,7 +72,7 @@ def write_config(
         "[status]",
         f'socket = "{tmp_path / "edge.sock"}"',
         "[metrics]",
-        'listen = ""',
+        f'listen = "{metrics}"',
     ]
     for cam in cams[:onvif]:
         host_port = cam["onvif_url"].split("/")[2]
@@ -116,7 +119,10 @@ async def test_daemon_records_pinned_cameras_reports_gaps_and_restarts_cleanly(
     tmp_path: Path, simulator_factory: Callable[..., Any]
 ) -> None:
     sim = simulator_factory(cameras=3)
-    cfg = load_config(write_config(tmp_path, sim.cameras, onvif=2, rtsp=1))
+    metrics_port = free_port()
+    cfg = load_config(
+        write_config(tmp_path, sim.cameras, onvif=2, rtsp=1, metrics=f"127.0.0.1:{metrics_port}")
+    )
     events = Collected()
     daemon = EdgeDaemon(cfg, timings=Timings(sign_heads=5.0, disk=2.0), event_sink=events)
     stop = asyncio.Event()
@@ -133,6 +139,15 @@ async def test_daemon_records_pinned_cameras_reports_gaps_and_restarts_cleanly(
         status = await query_status(cfg.status.socket)
         assert {c["id"] for c in status["cameras"]} == set(ids)
         assert status["site"] == "hcm-q7-kcl01"
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{metrics_port}/metrics") as resp,
+        ):
+            assert resp.status == 200
+            scraped = await resp.text()
+        for cam_id in ids:
+            assert f'isocam_camera_connected{{camera="{cam_id}"}} 1.0' in scraped
+        assert 'isocam_edge_up{site="hcm-q7-kcl01"} 1.0' in scraped
 
         # a stalled stream: one gap with cause `stall`, closed when the stream returns
         cam_sim = sim.cameras[0]["id"]
