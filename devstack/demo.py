@@ -21,6 +21,49 @@ DEMO_DIR = ROOT / ".demo"
 BIN = Path(sys.executable).parent
 
 
+def write_edge_config(cams: list[dict[str, str]], broker_url: str) -> Path:
+    """The demo box's edge.toml: the simulated cameras pinned by ONVIF address (no multicast
+    leaves this machine), a viewing key pair made once under .demo/keys."""
+    keys = DEMO_DIR / "keys"
+    keys.mkdir(exist_ok=True)
+    if not (keys / "viewer.pub").exists():
+        subprocess.run(
+            [str(BIN / "central-hub"), "keygen", str(keys / "viewer")], check=True, timeout=60
+        )
+    edge = DEMO_DIR / "edge"
+    edge.mkdir(exist_ok=True)
+    lines = [
+        "# written by the demo (devstack/demo.py); see deploy/edge.example.toml",
+        "[site]",
+        'id = "hcm-q7-kcl01"',
+        'name = "Khu cách ly tập trung Quận 7 (demo)"',
+        'province = "Hồ Chí Minh"',
+        'district = "Quận 7"',
+        'kind = "facility"',
+        'authority = "health"',
+        'operator = "vnpt"',
+        "[storage]",
+        f'data_dir = "{edge / "data"}"',
+        "reserve_gib = 0.5",
+        "[credentials]",
+        f'user = "{cams[0]["user"]}"',
+        f'password = "{cams[0]["password"]}"',
+        "[discovery]",
+        "enabled = false",
+        "[mqtt]",
+        f'url = "{broker_url}"',
+        "[keys]",
+        f'recipient_files = ["{keys / "viewer.pub"}"]',
+        "[status]",
+        f'socket = "{edge / "edge.sock"}"',
+    ]
+    for cam in cams:
+        lines += ["[[cameras.onvif]]", f'address = "{cam["onvif_url"].split("/")[2]}"']
+    path = edge / "edge.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> int:
     DEMO_DIR.mkdir(exist_ok=True)
     procs: list[subprocess.Popen[str]] = []
@@ -50,11 +93,24 @@ def main() -> int:
                 f"user {cam['user']} / {cam['password']}",
                 flush=True,
             )
+        edge_config = write_edge_config(cams, broker.url)
+        edge = subprocess.Popen(
+            [str(BIN / "edge-agent"), "run", "--config", str(edge_config)],
+            stderr=open(DEMO_DIR / "edge-agent.log", "a"),  # noqa: SIM115 - lives as long as the child
+            text=True,
+        )
+        procs.append(edge)
+        print(
+            f"demo: edge agent recording the cameras into {DEMO_DIR / 'edge' / 'data'} "
+            f"(log {DEMO_DIR / 'edge-agent.log'})",
+            flush=True,
+        )
+        print(f"demo: edge status:     .venv/bin/edge-agent status --config {edge_config}")
+        print(f"demo: verify footage:  .venv/bin/edge-agent verify --config {edge_config}")
         print(f"demo: inject a fault:  .venv/bin/camera-sim fault cam-02 black {env_hint}")
         print(f"demo: list cameras:    .venv/bin/camera-sim list {env_hint}")
         print(
-            "demo: not yet built, so not started: edge agent recording and uplink, "
-            "central hub web UI (see `issues`).",
+            "demo: not yet built, so not started: central hub web UI (see `issues`).",
             flush=True,
         )
         print("demo: running; Ctrl-C stops everything.", flush=True)
