@@ -97,6 +97,7 @@ class EdgeDaemon:
         self._jobs: list[asyncio.Task[None]] = []
         self._status_runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = asyncio.Event()
 
     # -- events --------------------------------------------------------------------------------
@@ -119,6 +120,7 @@ class EdgeDaemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
+        self._loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         clean_previous = self._mark_running()
         key = load_or_create_device_key(cfg.keys.device_key_file)
@@ -307,6 +309,8 @@ class EdgeDaemon:
         assert self.planner is not None
         now = time.time()
         result = await asyncio.to_thread(self.planner.enforce, now)
+        for alarm in result.alarms:
+            await self._raise_alarm(alarm)  # already published by _on_disk_alarm: a no-op
         for stone in result.tombstones:
             await self._tombstone(stone)
         for err in result.errors:
@@ -340,11 +344,18 @@ class EdgeDaemon:
             )
 
     def _on_disk_alarm(self, alarm: DiskAlarm) -> None:
-        """Called by the planner (in its worker thread) the moment it raises an alarm; the
-        alarm is published from `result.alarms` right after the pass. Deletion inside the
-        retention floor waits `storage.floor_grace_seconds` after the alarm, so the NOC hears
-        of it first."""
+        """Called by the planner, in its worker thread, the moment it raises an alarm and
+        before any deletion the alarm announces: the worker waits until the alarm event is
+        handed to the uplink (spooled), so the NOC's record always has the alarm first."""
         log.critical("disk alarm %s: %s (%s)", alarm.code, alarm.message, alarm.detail)
+        loop = self._loop
+        if loop is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self._raise_alarm(alarm), loop)
+        try:
+            future.result(timeout=30)
+        except Exception as exc:  # never let reporting block the deletion that frees the disk
+            log.error("disk alarm %s not published before deletion: %s", alarm.code, exc)
 
     async def _raise_alarm(self, alarm: DiskAlarm) -> None:
         if alarm.code in self._alarms:

@@ -24,6 +24,7 @@ from devstack.ports import free_port
 from edge_agent.config import load_config
 from edge_agent.daemon import EdgeDaemon, Timings, query_status
 from edge_agent.segment_store import open_reader
+from edge_agent.verify import verify
 from sitelink import messages as m
 from sitelink.sealed_segment import generate_private_key, write_public_key
 
@@ -284,3 +285,74 @@ def test_run_refuses_a_bad_config_with_every_problem_named(tmp_path: Path, missi
     )
     assert res.returncode != 0
     assert "site.id" in res.stderr and "storage.retention_days" in res.stderr
+
+
+def _segment_bytes(data_dir: Path) -> int:
+    return sum(f.stat().st_size for f in (data_dir / "segments").rglob("*") if f.is_file())
+
+
+async def test_a_full_disk_deletes_oldest_footage_with_alarm_and_tombstones_and_keeps_recording(
+    tmp_path: Path, simulator_factory: Callable[..., Any]
+) -> None:
+    """Retention floor 1 day (test bench), grace 0: the disk fills within seconds, so the
+    daemon must raise the critical alarm, delete the oldest segments inside the floor with
+    signed tombstones, and go on recording every camera. Free space is an injected probe over
+    the real files: a budget of reserve + 6 MB minus what the segments take."""
+    sim = simulator_factory(cameras=2)
+    extra_storage = (
+        "retention_days = 1\nallow_below_legal_minimum = true\nfloor_grace_seconds = 0\n"
+    )
+    path = write_config(tmp_path, sim.cameras, onvif=2)
+    path.write_text(
+        path.read_text().replace("reserve_gib = 0.05\n", "reserve_gib = 0.05\n" + extra_storage)
+    )
+    cfg = load_config(path)
+    reserve = int(0.05 * 1024**3)
+    budget = reserve + 6 * 1024 * 1024
+    data_dir = cfg.storage.data_dir
+
+    events = Collected()
+    daemon = EdgeDaemon(
+        cfg,
+        timings=Timings(disk=1.0),
+        free_bytes=lambda: budget - _segment_bytes(data_dir),
+        event_sink=events,
+    )
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.run(stop))
+    try:
+        await until(lambda: daemon.ready.is_set() or run.done(), 60, "daemon ready")
+        if run.done():
+            run.result()
+        await until(
+            lambda: bool(events.of(m.Tombstone, reason="disk_full_inside_floor")),
+            90,
+            "footage deleted inside the floor",
+        )
+        alarm = events.of(m.Alarm, code="disk_full_floor_reached")
+        assert alarm and alarm[0].level == "critical" and alarm[0].active
+        assert events.of(m.DiskEvent, level="critical")
+        # recording goes on: new segments keep arriving on both cameras after the deletion
+        db = open_reader(data_dir)
+        seen = dict(db.execute("select camera_id, max(seq) from segments group by camera_id"))
+        db.close()
+
+        def both_advanced() -> bool:
+            conn = open_reader(data_dir)
+            now = dict(conn.execute("select camera_id, max(seq) from segments group by camera_id"))
+            conn.close()
+            return all(now.get(c, 0) > s for c, s in seen.items()) and len(now) == 2
+
+        await until(both_advanced, 60, "both cameras still recording after the deletion")
+    finally:
+        stop.set()
+        await run
+    # the alarm was published before the first deletion inside the floor
+    kinds = [
+        (type(e).__name__, getattr(e, "code", getattr(e, "reason", None))) for e in events.events
+    ]
+    assert kinds.index(("Alarm", "disk_full_floor_reached")) < kinds.index(
+        ("Tombstone", "disk_full_inside_floor")
+    )
+    report = verify(data_dir)
+    assert report.ok, report.render()
