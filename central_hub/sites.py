@@ -36,6 +36,9 @@ sites = sa.Table(
     sa.Column("operator", sa.String(16), nullable=False),
     sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("enrolled_at", sa.Float, nullable=False),
+    #: the edge box's Ed25519 device key (PEM SubjectPublicKeyInfo): verifies its chain heads,
+    #: tombstones and tunnel logins; NULL until the box is registered
+    sa.Column("device_public_key", sa.Text, nullable=True),
     sa.Index("ix_sites_province_district", "province", "district"),
     sa.Index("ix_sites_operator", "operator"),
 )
@@ -44,6 +47,15 @@ sites = sa.Table(
 @migration("sites", 1, "enrolled sites and their attributes")
 def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=[sites])
+    # v1 creates the table as declared now (device_public_key included); v2 adds the column
+    # only to databases made before it existed.
+
+
+@migration("sites", 2, "device public key of each site's edge box")
+def _v2(conn: Connection) -> None:
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("sites")}
+    if "device_public_key" not in columns:
+        conn.execute(sa.text("ALTER TABLE sites ADD COLUMN device_public_key TEXT"))
 
 
 @dataclass(frozen=True)
