@@ -8,17 +8,34 @@ canonical JSON (sorted keys, no spaces, ASCII) so the hub can rebuild and check 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from sitelink.signing import (
+    SigningKeyError,
+    canonical_json,
+    key_id,
+    public_key_pem,
+    sign_payload,
+    verify_payload,
+)
+from sitelink.signing import load_public_key_pem as _load_public_key_pem
+
+__all__ = [
+    "DeviceKeyError",
+    "canonical_json",
+    "key_id",
+    "load_device_key",
+    "load_or_create_device_key",
+    "load_public_key_pem",
+    "public_key_pem",
+    "sign_payload",
+    "verify_payload",
+]
 
 
 class DeviceKeyError(Exception):
@@ -72,46 +89,9 @@ def load_device_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
-    """The public key as PEM (SubjectPublicKeyInfo), for enrolment at the hub."""
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
-
-
 def load_public_key_pem(pem: str | bytes) -> Ed25519PublicKey:
     """Parse a PEM public key as exported by `public_key_pem`."""
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
-    key = serialization.load_pem_public_key(data)
-    if not isinstance(key, Ed25519PublicKey):
-        raise DeviceKeyError("public key is not an Ed25519 key")
-    return key
-
-
-def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
-    """Short stable name of a key: the first 16 hex digits of SHA-256 over the raw public key."""
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def canonical_json(payload: dict[str, Any]) -> bytes:
-    """The exact bytes that are hashed or signed: sorted keys, no whitespace, ASCII only."""
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
-
-
-def sign_payload(key: Ed25519PrivateKey, payload: dict[str, Any]) -> str:
-    """Ed25519 signature over `canonical_json(payload)`, base64 (standard alphabet)."""
-    return base64.b64encode(key.sign(canonical_json(payload))).decode("ascii")
-
-
-def verify_payload(public: Ed25519PublicKey, payload: dict[str, Any], signature: str) -> bool:
-    """True if `signature` is the key's signature over `canonical_json(payload)`."""
     try:
-        public.verify(base64.b64decode(signature, validate=True), canonical_json(payload))
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+        return _load_public_key_pem(pem)
+    except SigningKeyError as exc:
+        raise DeviceKeyError(str(exc)) from None

@@ -35,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from sitelink.signing import canonical_json
 from sitelink.topics import POLICIES, Kind, Topic, TopicError, parse_topic, topic
 
 PROTOCOL_VERSION = 1
@@ -694,17 +695,6 @@ class ClockEvent(EventBase):
     camera: CameraId | None = Field(
         default=None, description="the camera whose clock is off; absent: the box's clock vs NTP"
     )
-
-
-def canonical_json(payload: dict[str, Any]) -> bytes:
-    """The exact bytes that are signed: sorted keys, no whitespace, ASCII only.
-
-    Byte-identical to `edge_agent.device_key.canonical_json`, so the hub rebuilds what the
-    edge signed from the decoded event alone.
-    """
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
 
 
 def chain_head_payload(
