@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -132,32 +133,53 @@ def _progress(done: int, total: int, cam: CameraSurvey) -> None:
     click.echo(f"[{done}/{total}] {cam.target.host}:{cam.target.port} {verdict}", err=True)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _camera_options(fn: _F) -> _F:
+    """Options `survey` and `discover` share: where the cameras are and how to log in."""
+    options = [
+        click.option(
+            "--config",
+            "-c",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Edge configuration (credentials, pinned cameras, discovery interfaces, …).",
+        ),
+        click.option(
+            "--camera",
+            "cameras",
+            multiple=True,
+            metavar="HOST[:PORT]",
+            help="This ONVIF address too (for LANs where multicast is blocked).",
+        ),
+        click.option(
+            "--interface",
+            "interfaces",
+            multiple=True,
+            metavar="ADDRESS",
+            help="Local IPv4 address of the camera LAN to send WS-Discovery probes from.",
+        ),
+        click.option("--user", default=None, help="Camera user (overrides the config)."),
+        click.option("--password", default=None, help="Camera password (overrides the config)."),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(0.5, 30),
+            default=3.0,
+            show_default=True,
+            help="How long to wait for WS-Discovery answers.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout."),
+        click.option("-v", "--verbose", is_flag=True, help="Log what is being done."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.option(
-    "--config",
-    "-c",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Edge configuration (credentials, retention, H.265 policy, data dir).",
-)
-@click.option(
-    "--camera",
-    "cameras",
-    multiple=True,
-    metavar="HOST[:PORT]",
-    help="Survey this ONVIF address too (for LANs where multicast is blocked).",
-)
-@click.option(
-    "--interface",
-    "interfaces",
-    multiple=True,
-    metavar="ADDRESS",
-    help="Local IPv4 address of the camera LAN to send WS-Discovery probes from.",
-)
+@_camera_options
 @click.option("--no-discovery", is_flag=True, help="Survey only the given/pinned cameras.")
-@click.option("--user", default=None, help="Camera user (overrides the config).")
-@click.option("--password", default=None, help="Camera password (overrides the config).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option(
     "--html",
     type=click.Path(path_type=Path),
@@ -170,7 +192,12 @@ def _progress(done: int, total: int, cam: CameraSurvey) -> None:
     default=None,
     help="Data volume to size (default: the config's, else the current directory).",
 )
-@click.option("--retention-days", type=click.IntRange(1, 3650), default=None)
+@click.option(
+    "--retention-days",
+    type=click.IntRange(1, 3650),
+    default=None,
+    help="Days to size the disk for (default: the config's storage.retention_days, else 30).",
+)
 @click.option(
     "--seconds",
     type=click.FloatRange(1, 60),
@@ -178,14 +205,6 @@ def _progress(done: int, total: int, cam: CameraSurvey) -> None:
     show_default=True,
     help="How long to pull each main stream to measure it.",
 )
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0.5, 30),
-    default=3.0,
-    show_default=True,
-    help="How long to wait for WS-Discovery answers.",
-)
-@click.option("-v", "--verbose", is_flag=True)
 def survey(
     config: Path | None,
     cameras: tuple[str, ...],
@@ -247,14 +266,7 @@ def survey(
 
 
 @main.command()
-@click.option("--config", "-c", type=click.Path(path_type=Path), default=None)
-@click.option("--camera", "cameras", multiple=True, metavar="HOST[:PORT]")
-@click.option("--interface", "interfaces", multiple=True, metavar="ADDRESS")
-@click.option("--user", default=None)
-@click.option("--password", default=None)
-@click.option("--timeout", type=click.FloatRange(0.5, 30), default=3.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
+@_camera_options
 def discover(
     config: Path | None,
     cameras: tuple[str, ...],
@@ -418,3 +430,25 @@ def status(config: Path, as_json: bool) -> None:
             f"{cam['id']:10} {cam['state']:12} {cam['fps'] or 0:6.1f} "
             f"{cam['bitrate_kbps'] or 0:8.0f} {cam['segments']:5}  {note}"
         )
+
+
+@main.command("device-key")
+@click.option(
+    "--config", "-c", type=click.Path(path_type=Path), default=DEFAULT_CONFIG, show_default=True
+)
+def device_key_cmd(config: Path) -> None:
+    """Print this box's device public key (PEM) and key id, for registering the site at the
+    hub (`central-hub sites add … --device-key FILE`). Makes the key if it does not exist yet."""
+    from edge_agent.device_key import DeviceKeyError, key_id, load_or_create_device_key
+    from edge_agent.device_key import public_key_pem as pem_of
+
+    cfg = _load(config)
+    if cfg is None:
+        raise click.ClickException(f"{config} not found: give --config")
+    try:
+        cfg.keys.device_key_file.parent.mkdir(parents=True, exist_ok=True)
+        key = load_or_create_device_key(cfg.keys.device_key_file)
+    except (DeviceKeyError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"# site {cfg.site.id}, device key id {key_id(key)}", err=True)
+    click.echo(pem_of(key), nl=False)

@@ -356,3 +356,40 @@ async def test_a_full_disk_deletes_oldest_footage_with_alarm_and_tombstones_and_
     )
     report = verify(data_dir)
     assert report.ok, report.render()
+
+
+def test_device_key_command_prints_the_key_the_daemon_signs_with(
+    tmp_path: Path, simulator_factory: Callable[..., Any]
+) -> None:
+    from sitelink.signing import key_id, load_public_key_pem
+
+    sim = simulator_factory(cameras=1)
+    config = write_config(tmp_path, sim.cameras, onvif=1)
+    res = subprocess.run(
+        [str(BIN / "edge-agent"), "device-key", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    public = load_public_key_pem(res.stdout)
+    assert key_id(public) in res.stderr
+    key_file = tmp_path / "data" / "device-key.pem"
+    assert key_file.stat().st_mode & 0o077 == 0
+    again = subprocess.run(
+        [str(BIN / "edge-agent"), "device-key", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.stdout == res.stdout  # made once, then reused
+
+    found = subprocess.run(
+        [str(BIN / "edge-agent"), "discover", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert found.returncode == 0, found.stderr
+    reports = json.loads(found.stdout)
+    assert [r["serial"] for r in reports] == [sim.cameras[0]["serial"]]
