@@ -92,3 +92,13 @@ def unseal(segment: Path, key_path: Path, output: Path, require_finished: bool) 
     h = opened.header
     state = "finished" if opened.finished else "UNFINISHED (cut short, e.g. by a crash)"
     click.echo(f"{segment}: site {h.site_id} camera {h.camera_id} seq {h.seq}: {state}", err=True)
+
+
+def _attach_groups() -> None:
+    from central_hub.users_cli import audit, users
+
+    main.add_command(users)
+    main.add_command(audit)
+
+
+_attach_groups()
