@@ -219,6 +219,7 @@ class HealthConfig:
     covered_max_luma: float
     covered_max_sharpness: float
     blurred_max_sharpness: float
+    blurred_max_ratio: float
     frozen_max_diff: float
     moved_max_similarity: float
     confirm_checks: int
