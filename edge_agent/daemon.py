@@ -34,7 +34,9 @@ from aiohttp import web
 from edge_agent.cameras import CameraManager
 from edge_agent.config import EdgeConfig
 from edge_agent.device_key import load_or_create_device_key
+from edge_agent.image_health import ImageFaultTransition, ImageHealthChecker
 from edge_agent.inventory import Inventory
+from edge_agent.keyframes import KeyframeSample
 from edge_agent.metrics import start_metrics_server
 from edge_agent.recorder import RecorderConfig
 from edge_agent.retention import DiskAlarm, DiskPlanner, DiskPolicy, Retention, RetentionPolicy
@@ -94,6 +96,7 @@ class EdgeDaemon:
         self.store: SegmentStore | None = None
         self.cameras: CameraManager | None = None
         self.planner: DiskPlanner | None = None
+        self.image: ImageHealthChecker | None = None
         self._jobs: list[asyncio.Task[None]] = []
         self._status_runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -104,8 +107,9 @@ class EdgeDaemon:
 
     async def emit(self, cls: type[m.EventBase], **fields: Any) -> None:
         """Build a sitelink event and hand it to the uplink (which numbers, spools, sends)."""
+        fields.setdefault("ts", time.time())
         try:
-            event = cls(ts=time.time(), seq=1, **fields)  # seq is assigned by the sink
+            event = cls(seq=1, **fields)  # seq is assigned by the sink
         except ValueError as exc:
             self.counters.event_errors += 1
             log.error("event %s not built: %s", cls.__name__, exc)
@@ -177,7 +181,15 @@ class EdgeDaemon:
         try:
             await self.cameras.start()
             retention_runner = Retention(store, retention)
+            self.image = ImageHealthChecker(
+                cfg.health,
+                self._latest_keyframe,
+                self._on_image_transition,
+                on_reference=self._store_image_reference,
+                blurred_max_ratio=cfg.health.blurred_max_ratio,
+            )
             self._jobs = [
+                self._every("image", min(1.0, cfg.health.check_interval_seconds / 4), self._image),
                 self._every("sign_heads", self.timings.sign_heads, self._sign_heads),
                 self._every("expiry", self.timings.expiry, lambda: self._expire(retention_runner)),
                 self._every("disk", self.timings.disk, self._disk),
@@ -204,6 +216,8 @@ class EdgeDaemon:
         for job in self._jobs:
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
+        if self.image is not None:
+            self.image.close()
         if self.cameras is not None:
             await self.cameras.stop()
         if self.store is not None:
@@ -368,6 +382,28 @@ class EdgeDaemon:
             active=True,
             message=f"{alarm.message} / {alarm.detail}"[:500],
         )
+
+    def _latest_keyframe(self, camera_id: str) -> KeyframeSample | None:
+        cam = self.cameras.cameras.get(camera_id) if self.cameras else None
+        return cam.keyframe() if cam is not None else None
+
+    async def _image(self) -> None:
+        """One round of image checks, after following the camera set (cameras come and go)."""
+        assert self.image is not None and self.cameras is not None
+        wanted = {cid for cid, c in self.cameras.cameras.items() if c.recorder is not None}
+        for cid in set(self.image.camera_ids) - wanted:
+            self.image.remove_camera(cid)
+        for cid in wanted - set(self.image.camera_ids):
+            self.image.add_camera(cid, self.cameras.inventory.image_reference(cid))
+        await self.image.check_due()
+
+    async def _on_image_transition(self, t: ImageFaultTransition) -> None:
+        await self.emit(m.ImageFaultEvent, ts=t.wall, **t.event_fields())
+
+    async def _store_image_reference(self, camera_id: str, signature: bytes) -> None:
+        assert self.cameras is not None
+        await asyncio.to_thread(self.cameras.inventory.set_image_reference, camera_id, signature)
+        log.info("%s: image reference enrolled (%d bytes)", camera_id, len(signature))
 
     async def _rescan(self) -> None:
         assert self.cameras is not None

@@ -82,6 +82,9 @@ class Inventory:
                 pk="id",
             )
             self._db[_TABLE].create_index(["manufacturer", "serial"])  # type: ignore[union-attr]
+        if "image_reference" not in self._db[_TABLE].columns_dict:
+            # the enrolment scene signature of image health (non-reversible: no picture)
+            self._db[_TABLE].add_column("image_reference", bytes)  # type: ignore[union-attr]
 
     def close(self) -> None:
         self._db.close()
@@ -93,6 +96,24 @@ class Inventory:
     def get(self, camera_id: str) -> InventoryCamera | None:
         rows = list(self._db.query(f"select * from {_TABLE} where id = ?", [camera_id]))  # noqa: S608
         return InventoryCamera.from_row(rows[0]) if rows else None
+
+    def image_reference(self, camera_id: str) -> bytes | None:
+        """The camera's stored image-health reference signature, if it has one."""
+        rows = list(
+            self._db.query(f"select image_reference from {_TABLE} where id = ?", [camera_id])  # noqa: S608
+        )
+        value = rows[0]["image_reference"] if rows else None
+        return bytes(value) if value else None
+
+    def set_image_reference(self, camera_id: str, signature: bytes) -> None:
+        """Keep a camera's new enrolment reference (re-enrolment after it was moved on purpose
+        is `edge-agent` policy, not this table's)."""
+        with self._lock:
+            self._db.execute(
+                f"update {_TABLE} set image_reference = ? where id = ?",  # noqa: S608
+                [signature, camera_id],
+            )
+            self._db.conn.commit()
 
     def _match(self, report: DeviceReport) -> dict[str, Any] | None:
         if report.serial:
