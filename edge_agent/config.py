@@ -226,6 +226,13 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class ViewingConfig:
+    ca_file: Path | None
+    max_tunnels: int
+    idle_seconds: float
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str  # "" when turned off
 
@@ -254,6 +261,7 @@ class EdgeConfig:
     mqtt: MqttConfig
     keys: KeysConfig
     health: HealthConfig
+    viewing: ViewingConfig
     metrics: MetricsConfig
     status: StatusConfig
     logging: LoggingConfig
@@ -753,6 +761,7 @@ def _build(path: Path, values: dict[str, Any]) -> EdgeConfig:
         mqtt=MqttConfig(**mqtt),
         keys=KeysConfig(**keys),
         health=HealthConfig(**_section(values, "health")),
+        viewing=ViewingConfig(**_section(values, "viewing")),
         metrics=MetricsConfig(**_section(values, "metrics")),
         status=StatusConfig(**_section(values, "status")),
         logging=LoggingConfig(**_section(values, "logging")),

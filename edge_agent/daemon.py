@@ -19,10 +19,12 @@ chain heads, publishes the death message and marks the run as cleanly ended.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,8 +42,11 @@ from edge_agent.keyframes import KeyframeSample
 from edge_agent.metrics import start_metrics_server
 from edge_agent.recorder import RecorderConfig
 from edge_agent.retention import DiskAlarm, DiskPlanner, DiskPolicy, Retention, RetentionPolicy
-from edge_agent.segment_store import SegmentStore
-from edge_agent.site_health import agent_version
+from edge_agent.segment_store import LegalHoldError, SegmentStore
+from edge_agent.site_health import SiteSampler, agent_version
+from edge_agent.spool import SPOOL_FILENAME, Spool
+from edge_agent.tunnel import TunnelSources, serve_tunnel
+from edge_agent.uplink import PENDING_SEQ, Uplink
 from sitelink import messages as m
 from sitelink.sealed_segment import load_public_key
 
@@ -97,6 +102,12 @@ class EdgeDaemon:
         self.cameras: CameraManager | None = None
         self.planner: DiskPlanner | None = None
         self.image: ImageHealthChecker | None = None
+        self.uplink: Uplink | None = None
+        self._spool: Spool | None = None
+        self._sampler: SiteSampler | None = None
+        self._key: Any = None
+        self._tunnels: set[asyncio.Task[None]] = set()
+        self._thumb_cursor = 0
         self._jobs: list[asyncio.Task[None]] = []
         self._status_runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -106,19 +117,25 @@ class EdgeDaemon:
     # -- events --------------------------------------------------------------------------------
 
     async def emit(self, cls: type[m.EventBase], **fields: Any) -> None:
-        """Build a sitelink event and hand it to the uplink (which numbers, spools, sends)."""
+        """Build a sitelink event and hand it to the uplink, which numbers it, writes it to
+        the spool (durable from here on) and publishes it when the link allows."""
         fields.setdefault("ts", time.time())
         try:
-            event = cls(seq=1, **fields)  # seq is assigned by the sink
+            event = cls(seq=PENDING_SEQ, **fields)
         except ValueError as exc:
             self.counters.event_errors += 1
             log.error("event %s not built: %s", cls.__name__, exc)
             return
         self.counters.events += 1
+        if self.uplink is not None:
+            try:
+                seq = await self.uplink.publish_event(event)
+                event = event.model_copy(update={"seq": seq})
+            except Exception as exc:  # the spool is unusable: say so loudly, keep recording
+                self.counters.event_errors += 1
+                log.error("event %s could not be spooled: %s", cls.__name__, exc)
         if self._event_sink is not None:
             await self._event_sink(event)
-        else:
-            log.info("event %s", m.encode(event).decode())
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -127,7 +144,7 @@ class EdgeDaemon:
         self._loop = asyncio.get_running_loop()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         clean_previous = self._mark_running()
-        key = load_or_create_device_key(cfg.keys.device_key_file)
+        key = self._key = load_or_create_device_key(cfg.keys.device_key_file)
         recipients = [load_public_key(p) for p in cfg.keys.recipient_files]
         store = self.store = SegmentStore(self.data_dir, key, cfg.site.id)
         report = store.reconcile()
@@ -160,8 +177,27 @@ class EdgeDaemon:
             fsync_every_fragments=cfg.recording.fsync_every_fragments,
         )
         self.cameras = CameraManager(
-            cfg, store, inventory, recipients, self.emit, recorder_config=rec_cfg
+            cfg,
+            store,
+            inventory,
+            recipients,
+            self.emit,
+            recorder_config=rec_cfg,
+            on_inventory_change=self._inventory_changed,
         )
+        self._sampler = SiteSampler(self.data_dir, self.started)
+        self._spool = Spool(
+            self.data_dir / SPOOL_FILENAME, site_id=cfg.site.id, max_bytes=cfg.mqtt.spool_max_bytes
+        )
+        self.uplink = Uplink(
+            cfg.mqtt,
+            site_id=cfg.site.id,
+            spool=self._spool,
+            on_command=self._on_command,
+            agent_version=agent_version(),
+            started=self.started,
+        )
+        await self.uplink.start()
         await self.emit(
             m.AgentStarted,
             agent_version=agent_version(),
@@ -194,6 +230,13 @@ class EdgeDaemon:
                 self._every("expiry", self.timings.expiry, lambda: self._expire(retention_runner)),
                 self._every("disk", self.timings.disk, self._disk),
                 self._every(
+                    "health",
+                    float(cfg.mqtt.health_interval_seconds),
+                    self._health,
+                    first_delay=min(5.0, float(cfg.mqtt.health_interval_seconds)),
+                ),
+                self._every("inventory", 30.0, self._publish_inventory),
+                self._every(
                     "rescan",
                     cfg.discovery.rescan_minutes * 60,
                     self._rescan,
@@ -216,6 +259,9 @@ class EdgeDaemon:
         for job in self._jobs:
             job.cancel()
         await asyncio.gather(*self._jobs, return_exceptions=True)
+        for tunnel in list(self._tunnels):
+            tunnel.cancel()
+        await asyncio.gather(*self._tunnels, return_exceptions=True)
         if self.image is not None:
             self.image.close()
         if self.cameras is not None:
@@ -223,6 +269,11 @@ class EdgeDaemon:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self._sign_heads()
+        if self.uplink is not None:
+            with contextlib.suppress(Exception):
+                await self.uplink.aclose()
+        if self._spool is not None:
+            self._spool.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self._status_runner is not None:
@@ -405,6 +456,176 @@ class EdgeDaemon:
         await asyncio.to_thread(self.cameras.inventory.set_image_reference, camera_id, signature)
         log.info("%s: image reference enrolled (%d bytes)", camera_id, len(signature))
 
+    # -- uplink: inventory, health, commands ---------------------------------------------------
+
+    def _inventory_changed(self) -> None:
+        if self.uplink is not None and self.cameras is not None:
+            try:
+                self.uplink.set_inventory(self.cameras.inventory_message())
+            except Exception as exc:  # an inventory that does not encode: log, keep the old one
+                log.error("inventory not published: %s", exc)
+
+    async def _publish_inventory(self) -> None:
+        """Camera states change without enrolment (up, down, unauthorized): republish when
+        the inventory differs (the uplink compares; unchanged costs nothing on the wire)."""
+        self._inventory_changed()
+
+    def _camera_health(self) -> list[m.CameraHealth]:
+        assert self.cameras is not None
+        out: list[m.CameraHealth] = []
+        for cam in sorted(self.cameras.cameras.values(), key=lambda c: c.id)[:256]:
+            st = cam.stats()
+            monitor = self.image.monitor(cam.id) if self.image else None
+            recording: str = "stopped"
+            if st is not None:
+                recording = "recording" if st.recording else "reconnecting"
+            out.append(
+                m.CameraHealth(
+                    camera=cam.id,
+                    connected=bool(st and st.connected),
+                    recording=recording,  # type: ignore[arg-type]
+                    last_packet_age_s=st.last_packet_age_s if st else None,
+                    fps=min(st.fps, 1000.0) if st and st.connected else None,
+                    bitrate_kbps=st.bitrate_bps / 1000 if st and st.connected else None,
+                    reconnects_1h=sum(1 for t in cam.reconnects if t > time.time() - 3600),
+                    gap_since=st.current_gap.start if st and st.current_gap else None,
+                    segment_write_lag_s=st.write_lag_s if st else None,
+                    image=monitor.current() if monitor else None,
+                )
+            )
+        return out
+
+    def _with_thumbnails(self, cams: list[m.CameraHealth], budget: int) -> list[m.CameraHealth]:
+        """Attach snapshot thumbnails round-robin while the message stays under `budget`
+        bytes: a site's every camera is refreshed over a few samples, never one oversized
+        message."""
+        if not cams or self.image is None:
+            return cams
+        out = list(cams)
+        used = 0
+        n = len(out)
+        for i in range(n):
+            idx = (self._thumb_cursor + i) % n
+            monitor = self.image.monitor(out[idx].camera)
+            jpeg = monitor.snapshot_jpeg() if monitor else None
+            if not jpeg:
+                continue
+            size = (len(jpeg) + 2) // 3 * 4 + 40
+            if used + size > budget:
+                self._thumb_cursor = idx
+                break
+            used += size
+            out[idx] = out[idx].model_copy(
+                update={"thumbnail_jpeg": base64.b64encode(jpeg).decode("ascii")}
+            )
+        else:
+            self._thumb_cursor = 0
+        return out
+
+    async def _health(self) -> None:
+        assert self._sampler is not None and self.uplink is not None
+        site = self._sampler.sample(
+            forecast_days=_days(self._forecast_days),
+            spool_depth=self.uplink.spool_depth,
+            clock_offset_s=None,
+        )
+        cams = self._camera_health()
+        bare = m.Health(ts=time.time(), site=site, cameras=cams)
+        room = m.MAX_PAYLOAD_BYTES - len(m.encode(bare)) - 1024
+        health = bare.model_copy(update={"cameras": self._with_thumbnails(cams, room)})
+        await self.uplink.publish_health(health)
+
+    async def _on_command(self, cmd: Any) -> m.CommandReply:
+        """One hub command; errors become error replies (the uplink also guards)."""
+
+        def fail(code: str, message: str) -> m.CommandReply:
+            return m.CommandReply(
+                ts=time.time(), id=cmd.id, ok=False, error=m.ReplyError(code=code, message=message)
+            )
+
+        def ok(result: dict[str, Any]) -> m.CommandReply:
+            return m.CommandReply(ts=time.time(), id=cmd.id, ok=True, result=result)
+
+        assert self.cameras is not None and self.store is not None
+        if isinstance(cmd, m.Rescan):
+            return ok(await self.cameras.rescan())
+        if isinstance(cmd, m.Snapshot):
+            if cmd.args.camera not in self.cameras.cameras:
+                return fail("unknown_camera", f"no camera {cmd.args.camera} at this site")
+            jpeg = self._snapshot(cmd.args.camera)
+            if jpeg is None:
+                return fail("no_picture", "no picture of this camera yet (not recording?)")
+            return ok({"camera": cmd.args.camera, "jpeg": base64.b64encode(jpeg).decode("ascii")})
+        if isinstance(cmd, m.SetLegalHold):
+            return await self._legal_hold(cmd, ok, fail)
+        if isinstance(cmd, m.OpenTunnel):
+            return self._open_tunnel(cmd, ok, fail)
+        return fail("unknown_command", f"command {type(cmd).__name__} is not handled")
+
+    async def _legal_hold(self, cmd: Any, ok: Any, fail: Any) -> m.CommandReply:
+        assert self.store is not None and self.cameras is not None
+        a = cmd.args
+        if a.camera is not None and a.camera not in self.cameras.cameras:
+            return fail("unknown_camera", f"no camera {a.camera} at this site")
+        try:
+            if a.hold:
+                hold_id = await asyncio.to_thread(self.store.set_legal_hold, a.reason, a.camera)
+                result = {"hold_id": hold_id, "camera": a.camera, "hold": True}
+            else:
+                held = [h for h in self.store.legal_holds() if h.camera_id == a.camera]
+                if not held:
+                    return fail("not_held", "no active legal hold matches")
+                for h in held:
+                    await asyncio.to_thread(self.store.clear_legal_hold, h.id, a.reason)
+                result = {"cleared": [h.id for h in held], "camera": a.camera, "hold": False}
+        except (LegalHoldError, ValueError) as exc:
+            return fail("failed", str(exc))
+        await self.emit(
+            m.RetentionEvent,
+            camera=a.camera,
+            retention_days=self.config.storage.retention_days,
+            legal_hold=bool(a.hold),
+            below_legal_minimum=self.config.storage.retention_days < 30,
+            reason=a.reason,
+        )
+        return ok(result)
+
+    def _snapshot(self, camera: str) -> bytes | None:
+        monitor = self.image.monitor(camera) if self.image else None
+        return monitor.snapshot_jpeg() if monitor else None
+
+    def _open_tunnel(self, cmd: Any, ok: Any, fail: Any) -> m.CommandReply:
+        assert self.cameras is not None
+        args = cmd.args
+        if args.camera not in self.cameras.cameras:
+            return fail("unknown_camera", f"no camera {args.camera} at this site")
+        if len(self._tunnels) >= self.config.viewing.max_tunnels:
+            return fail("busy", f"{len(self._tunnels)} tunnels already open")
+        task = asyncio.create_task(self._serve_tunnel(args), name=f"tunnel-{args.camera}")
+        self._tunnels.add(task)
+        task.add_done_callback(self._tunnels.discard)
+        return ok({"camera": args.camera, "purpose": args.purpose, "dialling": True})
+
+    async def _serve_tunnel(self, args: m.OpenTunnelArgs) -> None:
+        from sitelink.tunnel import TunnelError
+
+        try:
+            await serve_tunnel(
+                args,
+                _Sources(self),
+                ssl_context=self._tunnel_ssl(),
+                idle_seconds=self.config.viewing.idle_seconds,
+                agent_version=agent_version(),
+            )
+        except TunnelError as exc:
+            log.warning("tunnel for %s (%s) ended: %s", args.camera, args.purpose, exc)
+        except Exception:
+            log.exception("tunnel for %s (%s) failed", args.camera, args.purpose)
+
+    def _tunnel_ssl(self) -> ssl.SSLContext | None:
+        ca = self.config.viewing.ca_file
+        return ssl.create_default_context(cafile=str(ca)) if ca else None
+
     async def _rescan(self) -> None:
         assert self.cameras is not None
         await self.cameras.rescan()
@@ -424,6 +645,8 @@ class EdgeDaemon:
             "events": self.counters.events,
             "job_errors": self.counters.job_errors,
             "last_scan": self.cameras.last_scan if self.cameras else None,
+            "uplink": self.uplink.status().as_dict() if self.uplink else None,
+            "tunnels": len(self._tunnels),
             "cameras": cams,
         }
 
@@ -453,6 +676,33 @@ class EdgeDaemon:
             await runner.cleanup()
             return
         self._status_runner = runner
+
+
+class _Sources(TunnelSources):
+    """What a tunnel may read: the running recorders' taps, the segment store, snapshots."""
+
+    def __init__(self, daemon: EdgeDaemon) -> None:
+        self._d = daemon
+
+    @property
+    def site_id(self) -> str:
+        return self._d.config.site.id
+
+    @property
+    def device_key(self) -> Any:
+        return self._d._key
+
+    @property
+    def segment_store(self) -> SegmentStore:
+        assert self._d.store is not None
+        return self._d.store
+
+    def live_tap(self, camera: str) -> Any:
+        cam = self._d.cameras.cameras.get(camera) if self._d.cameras else None
+        return cam.recorder.tap if cam is not None and cam.recorder is not None else None
+
+    def snapshot(self, camera: str) -> bytes | None:
+        return self._d._snapshot(camera)
 
 
 def _days(value: float | None) -> float | None:

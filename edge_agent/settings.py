@@ -370,6 +370,8 @@ SECTIONS: Final[dict[str, str]] = {
     "112 / 4,970 / 2.9, black 0 / 0 / 0, covered 33 / 0.1 / 2.2, blurred 111 / 2.8 / 1.4, "
     "frozen 112 / 4,970 / 0.0; scene similarity 0.94 normal, 0.05 moved. A genuinely static "
     "scene also looks frozen.",
+    "viewing": "Live view, playback and snapshots: the box never listens; when the hub asks "
+    "(MQTT `open_tunnel`), it dials the hub that asked over wss://.",
     "metrics": "Prometheus metrics endpoint.",
     "status": "Local status socket used by `edge-agent status`.",
     "logging": "Log output.",
@@ -685,7 +687,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "mqtt.client_id",
         "string",
         None,
-        "MQTT client id.",
+        "MQTT client id. The production broker (deploy/mosquitto) replaces it with the site "
+        "certificate's CN, so one box cannot knock another off by taking its client id.",
         (matches(r"[A-Za-z0-9._-]{1,128}", "1–128 characters of A-Z, a-z, 0-9, '.', '_', '-'"),),
         default_doc="edge-<site.id>",
     ),
@@ -812,6 +815,30 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         3,
         "Consecutive checks that must agree before an image fault is reported or cleared.",
         (between(1, 100),),
+    ),
+    # viewing
+    Setting(
+        "viewing.ca_file",
+        "path",
+        None,
+        "CA certificate(s) that signed the hub's HTTPS certificate, for the wss:// tunnels "
+        "(system store when unset).",
+        (readable_file(),),
+        default_doc="none (system CA store)",
+    ),
+    Setting(
+        "viewing.max_tunnels",
+        "integer",
+        16,
+        "Most tunnels open at once (several viewers of one camera share one).",
+        (between(1, 256),),
+    ),
+    Setting(
+        "viewing.idle_seconds",
+        "float",
+        60.0,
+        "A tunnel that carries nothing for this long is closed by the box.",
+        (between(5, 3600),),
     ),
     # service surfaces
     Setting(
