@@ -49,6 +49,7 @@ CONFIG = HealthConfig(
     covered_max_luma=60.0,
     covered_max_sharpness=10.0,
     blurred_max_sharpness=20.0,
+    blurred_max_ratio=0.25,
     frozen_max_diff=0.1,
     moved_max_similarity=0.5,
     confirm_checks=3,

@@ -488,10 +488,21 @@ class ImageHealthMonitor:
             self._baseline.clear()
             self._state["moved"] = _Debounce(active=self._state["moved"].active)
 
-    def check(self, sample: KeyframeSample, now: float | None = None) -> list[ImageFaultTransition]:
+    def check(
+        self,
+        sample: KeyframeSample,
+        now: float | None = None,
+        before: KeyframeSample | None = None,
+    ) -> list[ImageFaultTransition]:
         """Check `sample` if it is new and the rate limit allows; returns the faults that
         started or ended. Raises ImageHealthError (counted in `errors`) for a sample that
-        cannot be checked; the monitor keeps working with the next one."""
+        cannot be checked; the monitor keeps working with the next one.
+
+        `before` is the stream keyframe that came just before `sample`, when the caller saw
+        it. It is decoded only when the picture looks frozen against the previous *check*: a
+        source whose picture repeats with a period (a looping test clip, a patrol tour) can
+        show two identical keyframes a check interval apart while the stream moves; frozen
+        then also needs the two consecutive stream keyframes to be the same."""
         if sample.camera_id != self.camera_id:
             raise ImageHealthError(
                 "camera",
@@ -511,7 +522,11 @@ class ImageHealthMonitor:
                 self.last_error = str(exc)
                 raise
             t1 = time.perf_counter()
-            transitions = self._judge(frame, sample.wall)
+            if before is not None and (
+                before.seq >= sample.seq or before.camera_id != sample.camera_id
+            ):
+                before = None
+            transitions = self._judge(frame, sample.wall, before)
             t2 = time.perf_counter()
             self.last_cost = CheckCost(t1 - t0, t2 - t1, time.thread_time() - cpu0)
             self.checks += 1
@@ -519,7 +534,9 @@ class ImageHealthMonitor:
 
     # -- judging ------------------------------------------------------------------------------
 
-    def _judge(self, frame: av.VideoFrame, wall: float) -> list[ImageFaultTransition]:
+    def _judge(
+        self, frame: av.VideoFrame, wall: float, before: KeyframeSample | None = None
+    ) -> list[ImageFaultTransition]:
         cfg = self.config
         bgr = _small_bgr(frame, self._reformatter)
         gray: Gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
@@ -532,6 +549,15 @@ class ImageHealthMonitor:
         if self._previous is not None and self._previous.shape == gray.shape:
             motion = float(cv2.absdiff(gray, self._previous).mean())
         self._previous = gray
+        if motion is not None and motion <= cfg.frozen_max_diff and before is not None:
+            try:
+                prior = cv2.cvtColor(
+                    _small_bgr(decode_keyframe(before), self._reformatter), cv2.COLOR_BGR2GRAY
+                )
+            except ImageHealthError:
+                prior = None
+            if prior is not None and prior.shape == gray.shape:
+                motion = max(motion, float(cv2.absdiff(gray, prior).mean()))
 
         black = luma <= cfg.black_max_luma
         covered = (
@@ -647,6 +673,8 @@ class ImageHealthChecker:
         self._counted_checks: dict[str, int] = {}
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="image-health")
         self._logged_error: dict[str, str] = {}
+        #: per camera: (latest keyframe seen, the one seen before it)
+        self._seen: dict[str, tuple[KeyframeSample | None, KeyframeSample | None]] = {}
         self._totals = [0, 0, 0.0, 0.0, 0.0, 0.0]  # checks, errors, decode, analysis, cpu, max
         self._last_round = 0.0
 
@@ -675,6 +703,7 @@ class ImageHealthChecker:
         self._stored_version.pop(camera_id, None)
         self._counted_checks.pop(camera_id, None)
         self._logged_error.pop(camera_id, None)
+        self._seen.pop(camera_id, None)
 
     def monitor(self, camera_id: str) -> ImageHealthMonitor | None:
         return self._monitors.get(camera_id)
@@ -691,10 +720,8 @@ class ImageHealthChecker:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        jobs: list[tuple[ImageHealthMonitor, KeyframeSample]] = []
+        jobs: list[tuple[ImageHealthMonitor, KeyframeSample, KeyframeSample | None]] = []
         for camera_id, monitor in list(self._monitors.items()):
-            if not monitor.due(now):
-                continue
             try:
                 sample = self._latest(camera_id)
             except Exception:
@@ -702,23 +729,37 @@ class ImageHealthChecker:
                     self._logged_error[camera_id] = "source"
                     log.exception("camera %s: reading the latest keyframe failed", camera_id)
                 continue
-            if sample is not None and sample.seq != monitor.last_seq:
-                jobs.append((monitor, sample))
+            if sample is None:
+                continue
+            # every tick sees every keyframe of a normal GOP: remember the one before the
+            # latest (a reference, no copy), for the frozen check's second opinion
+            last, before = self._seen.get(camera_id, (None, None))
+            if last is None or sample.seq != last.seq:
+                before, last = last, sample
+                self._seen[camera_id] = (last, before)
+            if monitor.due(now) and sample.seq != monitor.last_seq:
+                jobs.append((monitor, sample, before))
         gate = asyncio.Semaphore(self._workers)
 
-        async def run(monitor: ImageHealthMonitor, sample: KeyframeSample) -> list[object]:
+        async def run(
+            monitor: ImageHealthMonitor, sample: KeyframeSample, before: KeyframeSample | None
+        ) -> list[object]:
             async with gate:
                 try:
-                    return list(await loop.run_in_executor(self._executor, monitor.check, sample))
+                    return list(
+                        await loop.run_in_executor(
+                            self._executor, monitor.check, sample, None, before
+                        )
+                    )
                 except ImageHealthError as exc:
                     return [exc]
                 except Exception as exc:  # a bug or an OpenCV surprise: this camera only
                     log.exception("camera %s: image check failed", monitor.camera_id)
                     return [exc]
 
-        results = await asyncio.gather(*(run(m, s) for m, s in jobs))
+        results = await asyncio.gather(*(run(m, s, b) for m, s, b in jobs))
         transitions: list[ImageFaultTransition] = []
-        for (monitor, _), outcome in zip(jobs, results, strict=True):
+        for (monitor, _, _), outcome in zip(jobs, results, strict=True):
             self._account(monitor, outcome)
             for item in outcome:
                 if isinstance(item, ImageFaultTransition):

@@ -751,7 +751,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "health.check_interval_seconds",
         "float",
-        10.0,
+        4.0,
         "Seconds between image checks of one camera (one keyframe decode and analysis: ~7 ms at "
         "720p H.264, ~12 ms H.265).",
         (between(1, 3600),),
@@ -812,8 +812,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "health.confirm_checks",
         "integer",
-        3,
-        "Consecutive checks that must agree before an image fault is reported or cleared.",
+        2,
+        "Consecutive checks that must agree before an image fault is reported or cleared. "
+        "With health.check_interval_seconds this sets the detection time: about "
+        "confirm_checks x interval + one keyframe interval (≈ 10 s with the defaults).",
         (between(1, 100),),
     ),
     # viewing

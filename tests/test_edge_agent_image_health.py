@@ -48,6 +48,7 @@ FAST = HealthConfig(
     covered_max_luma=60.0,
     covered_max_sharpness=10.0,
     blurred_max_sharpness=20.0,
+    blurred_max_ratio=0.25,
     frozen_max_diff=0.1,
     moved_max_similarity=0.5,
     confirm_checks=2,
@@ -501,3 +502,25 @@ def test_thresholds_come_from_the_configuration(recorded: Recorded) -> None:
     monitor = ImageHealthMonitor("cam-01", strict)
     reported = [t for s in _renumbered(recorded.normal[:2]) for t in monitor.check(s)]
     assert [(t.fault, t.active) for t in reported] == [("black", True)]
+
+
+def test_a_looping_picture_checked_once_per_loop_is_not_frozen_given_the_keyframe_before(
+    recorded: Recorded,
+) -> None:
+    """The simulator's clip loops every two keyframes: checks one loop apart see the same
+    picture though the stream moves. With the keyframe just before each checked one, the
+    monitor tells a loop from a freeze; without it, it cannot."""
+    k0, k1, k2 = recorded.normal[:3]  # k2 is k0 one loop later
+    cfg = replace(FAST, check_interval_seconds=0.0, confirm_checks=1)
+    # seqs as the stream numbered them: k0=1, k1=2, k0'=3, k1'=4, k0''=5
+    stream = [replace(s, seq=i + 1) for i, s in enumerate([k0, k1, k2, k1, k0])]
+
+    blind = ImageHealthMonitor("cam-01", cfg)
+    seen_blind = [t for s in (stream[0], stream[2], stream[4]) for t in blind.check(s)]
+    assert ("frozen", True) in [(t.fault, t.active) for t in seen_blind]
+
+    informed = ImageHealthMonitor("cam-01", cfg)
+    seen = informed.check(stream[0])
+    seen += informed.check(stream[2], before=stream[1])
+    seen += informed.check(stream[4], before=stream[3])
+    assert all(t.fault != "frozen" for t in seen), seen
