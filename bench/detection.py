@@ -47,8 +47,8 @@ def _write_config(work: Path, cams: list[dict[str, Any]], broker_url: str) -> Pa
     key = generate_private_key()
     write_public_key(key.public_key(), work / "viewer.pub")
     lines = [
-        "[site]", f'id = "{SITE}"', 'province = "Hà Nội"', 'kind = "facility"',
-        'authority = "health"', 'operator = "vnpt"',
+        "[site]", f'id = "{SITE}"', 'province = "Hà Nội"', 'district = "Ba Đình"',
+        'kind = "facility"', 'authority = "health"', 'operator = "vnpt"',
         "[storage]", f'data_dir = "{work / "data"}"', "reserve_gib = 0.2",
         "[credentials]", f'user = "{cams[0]["user"]}"', f'password = "{cams[0]["password"]}"',
         "[discovery]", "enabled = false",
@@ -154,7 +154,12 @@ async def run(args: argparse.Namespace, started: tuple[Any, ...]) -> str:
             def ups() -> int:
                 return sum(isinstance(e, m.CameraUp) for e in hub.events())
 
-            await hub.wait_for(lambda _: ups() >= args.cameras, 120)
+            def ready(_: object) -> bool:
+                if edge.poll() is not None:
+                    raise SystemExit(f"edge-agent exited; see {work / 'edge.log'}")
+                return ups() >= args.cameras
+
+            await hub.wait_for(ready, 120)
             edge_ids = sorted({e.camera for e in hub.events() if isinstance(e, m.CameraUp)})
             # edge ids are assigned in enrolment order; map them through the inventory serials
             inventories = [r.message() for r in hub.received if r.kind.value == "inventory"]

@@ -494,9 +494,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "recording.stall_seconds",
         "float",
-        5.0,
+        3.0,
         "A stream that delivers no packet for this long is stalled: the gap is recorded and the "
-        "recorder reconnects.",
+        "recorder reconnects. Cameras send a packet per frame, so 3 s of silence is a real stall; "
+        "the NOC hears of it within about this plus one second (target ≤ 5 s).",
         (between(1, 120),),
     ),
     Setting(
