@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -95,10 +96,80 @@ def unseal(segment: Path, key_path: Path, output: Path, require_finished: bool) 
 
 
 def _attach_groups() -> None:
+    from central_hub.sites_cli import sites_group
     from central_hub.users_cli import audit, users
 
     main.add_command(users)
     main.add_command(audit)
+    main.add_command(sites_group)
+
+
+def load_hub_config(path: Path) -> tuple[Any, Any]:
+    """(HubConfig, AuthConfig) from one TOML file; every problem of both in one message."""
+    import tomllib
+
+    from central_hub.accounts import AuthConfig
+    from central_hub.hub_config import HubConfigError, parse_config
+
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise click.ClickException(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise click.ClickException(f"{path}: not valid TOML: {exc}") from None
+    auth_table = data.pop("auth", {})
+    problems: list[str] = []
+    hub_config = auth_config = None
+    try:
+        hub_config = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    except HubConfigError as exc:
+        problems += exc.problems
+    try:
+        if not isinstance(auth_table, dict):
+            raise ValueError("auth: expected a table [auth]")
+        auth_config = AuthConfig.from_mapping(auth_table)
+    except ValueError as exc:
+        problems += [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise click.ClickException(f"{path}: {len(problems)} problem(s):\n{lines}")
+    return hub_config, auth_config
+
+
+@main.command()
+@click.option(
+    "--config",
+    "-c",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/isocam/hub.toml"),
+    show_default=True,
+)
+def serve(config: Path) -> None:
+    """Run one hub instance: MQTT ingest, outage ledger and tickets, the NOC board and API,
+    accounts, viewing tunnels. Stops cleanly on SIGTERM or Ctrl-C."""
+    import asyncio
+    import logging
+    import signal
+
+    from central_hub.app import serve as run_hub
+
+    hub_config, auth_config = load_hub_config(config)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s central-hub %(levelname)s %(name)s: %(message)s"
+    )
+    if auth_config.public_url is None and hub_config.web.public_url:
+        import dataclasses
+
+        auth_config = dataclasses.replace(auth_config, public_url=hub_config.web.public_url)
+
+    async def main_loop() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_hub(hub_config, auth_config, stop=stop)
+
+    asyncio.run(main_loop())
 
 
 _attach_groups()
