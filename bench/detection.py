@@ -219,7 +219,7 @@ async def run(args: argparse.Namespace, started: tuple[Any, ...]) -> str:
     lines = [
         f"Detection latency, camera fault → event at the hub subscriber; {args.cameras} "
         f"simulated cameras (720p H.264 2 Mbit/s), {args.trials} trials per kind after one "
-        "warm-up, edge defaults (stall 5 s, image checks every 4 s, 2 to confirm). Seconds.",
+        "warm-up, edge defaults (stall 3 s, image checks every 4 s, 2 to confirm). Seconds.",
         "",
         "| fault | detect median | p95 | max | missed | clear median | p95 | max | "
         "simulator apply median | target p95 |",
