@@ -96,12 +96,14 @@ def unseal(segment: Path, key_path: Path, output: Path, require_finished: bool) 
 
 
 def _attach_groups() -> None:
+    from central_hub.export_cli import export
     from central_hub.sites_cli import sites_group
     from central_hub.users_cli import audit, users
 
     main.add_command(users)
     main.add_command(audit)
     main.add_command(sites_group)
+    main.add_command(export)
 
 
 def load_hub_config(path: Path) -> tuple[Any, Any]:
