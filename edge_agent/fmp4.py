@@ -33,6 +33,13 @@ class Fmp4Error(ValueError):
     """The muxer output is not a fragmented MP4 stream this splitter can cut."""
 
 
+#: I/O buffer for ``av.open(splitter, "w", ..., buffer_size=MUXER_BUFFER_SIZE)``: larger than a
+#: fragment (1 s at 4 Mbit/s ≈ 0.5 MB), so the muxer writes each one in a single call. With
+#: FFmpeg's 32 KiB a fragment came in ~16 calls, each taking the GIL back from the muxer
+#: and copying into the reassembly buffer. Only the part a fragment really uses is touched.
+MUXER_BUFFER_SIZE = 4 * 1024 * 1024
+
+
 def muxer_options(fragment_seconds: float) -> dict[str, str]:
     """Options for ``av.open(splitter, "w", format="mp4", options=...)``."""
     return {"movflags": MOVFLAGS, "frag_duration": str(round(fragment_seconds * 1_000_000))}
@@ -44,6 +51,11 @@ class FragmentSplitter:
     `on_init(data)` is called once with ``ftyp``+``moov``; `on_fragment(data)` once per
     ``moof``+``mdat``. Both run synchronously inside the muxer's ``write`` call, so when
     ``mux()`` returns, every fragment the muxer has finished has been handed on.
+
+    Cost matters: this runs for every camera, every fragment. Opened with an I/O buffer larger
+    than a fragment (`MUXER_BUFFER_SIZE`), the muxer hands over each ``moof``+``mdat`` in one
+    ``write`` call, which is passed on as is, without a copy; only output that splits a box
+    across calls is reassembled (one copy).
     """
 
     def __init__(
@@ -61,26 +73,64 @@ class FragmentSplitter:
 
     def write(self, data: bytes) -> int:
         """Take muxer output (any split); emit every init/fragment it completes."""
+        n = len(data)
+        self.bytes_in += n
+        if self._buf:
+            self._buf += data
+            self._drain()
+            return n
+        # Nothing pending: cut the pieces straight out of `data`; keep only a remainder.
+        rest = self._cut(data)
+        if rest < n:
+            self._buf += memoryview(data)[rest:]
+            self._drain()
+        return n
+
+    def _cut(self, data: bytes) -> int:
+        """Hand on every piece that `data` completes; return where the unfinished rest starts."""
+        n = len(data)
+        pos = piece = 0
+        while n - pos >= _BOX.size:
+            size, box = _BOX.unpack_from(data, pos)
+            header = _BOX.size
+            if size == 1:
+                if n - pos < _BOX.size + _LARGE.size:
+                    break
+                (size,) = _LARGE.unpack_from(data, pos + _BOX.size)
+                header += _LARGE.size
+            _check_size(box, size, header)
+            end = pos + size
+            if end > n:
+                break
+            pos = end
+            if box == b"moov" or box == b"mdat":
+                chunk = data if piece == 0 and end == n else data[piece:end]
+                self._emit_piece(bytes(chunk), is_init=box == b"moov")
+                piece = end
+            elif box == b"mfra":
+                piece = end  # see module docstring: offsets are meaningless after sealing
+        return piece
+
+    def _drain(self) -> None:
         buf = self._buf
-        buf += data
-        self.bytes_in += len(data)
         while True:
             if self._box_end is None and not self._read_header():
-                break
+                return
             assert self._box_end is not None
             if len(buf) < self._box_end:
-                break  # the common case while a big mdat streams in: O(1) per write
+                return  # the common case while a big mdat streams in: O(1) per write
             end, box = self._box_end, self._box_type
             self._box_end = None
             self._pos = end
-            if box == b"moov":
-                self._emit(end, self._on_init, is_init=True)
-            elif box == b"mdat":
-                self._emit(end, self._on_fragment, is_init=False)
+            if box == b"moov" or box == b"mdat":
+                with memoryview(buf) as view:
+                    piece = bytes(view[:end])
+                del buf[:end]
+                self._pos = 0
+                self._emit_piece(piece, is_init=box == b"moov")
             elif box == b"mfra":
                 del buf[:end]  # see module docstring: offsets are meaningless after sealing
                 self._pos = 0
-        return len(data)
 
     def _read_header(self) -> bool:
         buf, pos = self._buf, self._pos
@@ -93,28 +143,21 @@ class FragmentSplitter:
                 return False
             (size,) = _LARGE.unpack_from(buf, pos + _BOX.size)
             header += _LARGE.size
-        elif size == 0:
-            raise Fmp4Error(
-                f"box {box!r} runs to the end of the file: the muxer is not writing fragments"
-            )
-        if size < header:
-            raise Fmp4Error(f"box {box!r} claims {size} bytes, less than its own header")
+        _check_size(box, size, header)
         self._box_end = pos + size
         self._box_type = bytes(box)
         return True
 
-    def _emit(self, end: int, callback: Callable[[bytes], None], *, is_init: bool) -> None:
+    def _emit_piece(self, piece: bytes, *, is_init: bool) -> None:
         if is_init == self.init_seen:
             what = "a second init segment" if is_init else "a fragment before the init segment"
             raise Fmp4Error(f"muxer wrote {what}")
-        piece = bytes(self._buf[:end])
-        del self._buf[:end]
-        self._pos = 0
         if is_init:
             self.init_seen = True
+            self._on_init(piece)
         else:
             self.fragments += 1
-        callback(piece)
+            self._on_fragment(piece)
 
     @property
     def pending(self) -> int:
@@ -125,6 +168,15 @@ class FragmentSplitter:
         """After the muxer is closed: raise if it left a partial box behind."""
         if self._buf:
             raise Fmp4Error(f"muxer stopped inside a box ({len(self._buf)} bytes left over)")
+
+
+def _check_size(box: bytes, size: int, header: int) -> None:
+    if size == 0:
+        raise Fmp4Error(
+            f"box {bytes(box)!r} runs to the end of the file: the muxer is not writing fragments"
+        )
+    if size < header:
+        raise Fmp4Error(f"box {bytes(box)!r} claims {size} bytes, less than its own header")
 
 
 def top_level_boxes(data: bytes) -> list[tuple[str, int]]:

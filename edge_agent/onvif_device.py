@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
@@ -135,51 +136,119 @@ def _profile(p: Any) -> Profile:
     )
 
 
+#: Called once the main profile's RTSP URI is known, before the rest of the query runs, so
+#: the survey can start pulling the stream while ONVIF answers the other questions.
+MainStreamHook = Callable[[Profile], object]
+
+
 async def query_device(
-    host: str, port: int, user: str, password: str, within: float = 10.0
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    within: float = 10.0,
+    *,
+    on_main_stream: MainStreamHook | None = None,
 ) -> DeviceReport:
     """Ask one camera everything the survey and the recorder need; never raises for camera
     faults (they end up in `report.error`)."""
+    report, _ = await survey_device(
+        host, port, user, password, within, on_main_stream=on_main_stream, snapshot=False
+    )
+    return report
+
+
+async def survey_device(
+    host: str,
+    port: int,
+    user: str,
+    password: str,
+    within: float = 10.0,
+    *,
+    on_main_stream: MainStreamHook | None = None,
+    snapshot: bool = True,
+) -> tuple[DeviceReport, bytes | None]:
+    """`query_device` plus the main profile's JPEG snapshot, over one ONVIF session.
+
+    The order is chosen for the survey's wall time: clock and services, then the profiles and
+    the main profile's stream URI (handed to `on_main_stream` at once), and only then the other
+    profiles' URIs, device information and the snapshot, while the stream is measured. One
+    session instead of a second one for the snapshot saves a GetSystemDateAndTime/GetServices
+    round and a WSDL load per camera (zeep is CPU-bound: 16 sessions at once took ~1.8 s
+    here)."""
     onvif = _import_onvif()
     report = DeviceReport(host=host, port=port)
+    jpeg: bytes | None = None
     cam = onvif.ONVIFCamera(host, port, user, password, adjust_time=True, no_cache=True)
+    try:
+        await _query(cam, report, within, on_main_stream)
+        if snapshot and report.ok and report.profiles:
+            jpeg = await _snapshot(cam, host, port, report.profiles[0].token, within)
+    finally:
+        # closing a broken session must not hide the real error
+        with contextlib.suppress(Exception):
+            await cam.close()
+    return report, jpeg
+
+
+async def _query(
+    cam: Any, report: DeviceReport, within: float, on_main_stream: MainStreamHook | None
+) -> None:
     try:
         async with asyncio.timeout(within):
             await cam.update_xaddrs()
             if cam.dt_diff is not None:
                 report.clock_offset_s = round(cam.dt_diff.total_seconds(), 3)
-            devmgmt = await cam.create_devicemgmt_service()
-            info = await devmgmt.GetDeviceInformation()
-            report.manufacturer = info.Manufacturer
-            report.model = info.Model
-            report.firmware = info.FirmwareVersion
-            report.serial = info.SerialNumber
-            report.hardware_id = info.HardwareId
             media = await cam.create_media_service()
-            profiles = await media.GetProfiles()
-            for p in profiles or []:
+            for i, p in enumerate((await media.GetProfiles()) or []):
                 prof = _profile(p)
-                uri = await media.GetStreamUri(
-                    {
-                        "StreamSetup": {"Stream": "RTP-Unicast", "Transport": {"Protocol": "RTSP"}},
-                        "ProfileToken": prof.token,
-                    }
-                )
-                prof.rtsp_url = str(uri.Uri)
+                prof.rtsp_url = await _stream_uri(media, prof.token)
                 report.profiles.append(prof)
+                if i == 0 and on_main_stream is not None:
+                    on_main_stream(prof)
+            await _device_information(cam, report)
             if report.profiles:
                 snap = await media.GetSnapshotUri({"ProfileToken": report.profiles[0].token})
                 report.snapshot_url = str(snap.Uri)
-            if not report.profiles:
+            else:
                 report.error, report.error_message = "bad_response", "the camera has no profiles"
     except Exception as exc:  # every camera fault becomes a reason, see _classify
         report.error, report.error_message = _classify(exc)
-        log.info("ONVIF query of %s:%s failed: %s", host, port, report.error_message)
-    finally:
-        # closing a broken session must not hide the real error
-        with contextlib.suppress(Exception):
-            await cam.close()
-    return report
+        log.info("ONVIF query of %s:%s failed: %s", report.host, report.port, report.error_message)
+
+
+async def _stream_uri(media: Any, token: str) -> str:
+    uri = await media.GetStreamUri(
+        {
+            "StreamSetup": {"Stream": "RTP-Unicast", "Transport": {"Protocol": "RTSP"}},
+            "ProfileToken": token,
+        }
+    )
+    return str(uri.Uri)
+
+
+async def _device_information(cam: Any, report: DeviceReport) -> None:
+    devmgmt = await cam.create_devicemgmt_service()
+    info = await devmgmt.GetDeviceInformation()
+    report.manufacturer = info.Manufacturer
+    report.model = info.Model
+    report.firmware = info.FirmwareVersion
+    report.serial = info.SerialNumber
+    report.hardware_id = info.HardwareId
+
+
+async def _snapshot(cam: Any, host: str, port: int, token: str, within: float) -> bytes | None:
+    """The JPEG (Digest, falling back to Basic as FIELD-NOTES found necessary), or None."""
+    for basic in (False, True):
+        try:
+            async with asyncio.timeout(within):
+                data: bytes | None = await cam.get_snapshot(token, basic_auth=basic)
+            return data
+        except Exception as exc:
+            log.info("snapshot of %s:%s failed: %s", host, port, _classify(exc)[1])
+            if _classify(exc)[0] != "unauthorized":
+                return None
+    return None
 
 
 async def fetch_snapshot(
@@ -192,8 +261,7 @@ async def fetch_snapshot(
         async with asyncio.timeout(within):
             await cam.update_xaddrs()
             await cam.create_media_service()
-            data: bytes | None = await cam.get_snapshot(profile_token)
-            return data
+        return await _snapshot(cam, host, port, profile_token, within)
     except Exception as exc:
         log.info("snapshot of %s:%s failed: %s", host, port, _classify(exc)[1])
         return None

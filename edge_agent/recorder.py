@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import threading
 import time
 import weakref
@@ -45,9 +44,15 @@ from urllib.parse import urlsplit
 import av
 import av.error
 
-from edge_agent.fmp4 import FragmentSplitter, muxer_options
+from edge_agent.fmp4 import MUXER_BUFFER_SIZE, FragmentSplitter, muxer_options
+from edge_agent.keyframes import KeyframeSample
 from edge_agent.segment_store import SegmentRecord, SegmentStore
-from edge_agent.stream_probe import with_credentials, without_credentials
+from edge_agent.stream_probe import (
+    FAST_PROBE,
+    RtspSocket,
+    with_credentials,
+    without_credentials,
+)
 from sitelink.sealed_segment import RecipientPublicKey, SegmentHeader, SegmentSealer
 
 log = logging.getLogger(__name__)
@@ -61,10 +66,9 @@ _CODECS: dict[str, Codec] = {"h264": "H264", "hevc": "H265"}
 #: interrupt callback takes the GIL on every I/O call, ~4x CPU at 64 cameras).
 _SOCKET_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_US = str(round(_SOCKET_TIMEOUT_S * 1_000_000))
-#: Probe no further than the first packet: the SDP's sprop-parameter-sets already give codec,
-#: size and extradata. FFmpeg's default probing buffered ~1.1 s of packets inside ``av.open``
-#: here, which would then reach us in a burst and be stamped ~1 s late (segment start ±0.5 s).
-_FAST_PROBE = {"analyzeduration": "0", "probesize": "32"}
+# FAST_PROBE: probe no further than the first packet. The SDP's sprop-parameter-sets already
+# give codec, size and extradata; FFmpeg's default probing buffered ~1.1 s of packets inside
+# ``av.open`` here, which then reached us in a burst, stamped ~1 s late (segment start ±0.5 s).
 
 
 @dataclass(frozen=True)
@@ -247,44 +251,16 @@ def classify_error(exc: BaseException, *, streaming: bool) -> tuple[GapCause, st
 
 
 # --------------------------------------------------------------------------------------------
-# Finding FFmpeg's RTSP socket, so a stall can be cut short
-
-
-def _socket_inodes() -> dict[int, str]:
-    """fd -> "socket:[inode]" for this process's sockets (Linux /proc)."""
-    out: dict[int, str] = {}
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            link = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:"):
-            out[int(name)] = link
-    return out
-
-
-_open_locks: dict[tuple[str, int], threading.Lock] = {}
-_open_locks_guard = threading.Lock()
-
-
-def _open_lock(host: str, port: int) -> threading.Lock:
-    with _open_locks_guard:
-        return _open_locks.setdefault((host, port), threading.Lock())
+# One RTSP session
 
 
 class _Connection:
-    """One RTSP session: the PyAV container and, when found, its TCP socket.
+    """One RTSP session: the PyAV container and FFmpeg's TCP socket under it.
 
-    The socket is found by diffing this process's sockets around ``av.open`` while holding a
-    per-(host, port) lock, keeping only new sockets whose peer is the camera: exactly one, or
-    none is trusted (then a stall ends when FFmpeg's own socket timeout fires). The lock
-    serialises opens to one camera address only (e.g. its main and sub stream), never across
-    cameras. `interrupt()` shuts that socket down (never closes it: FFmpeg owns the fd),
-    re-checking under a lock that the fd still is the same socket and the session is open.
+    `interrupt()` cuts the session short from another thread (the watchdog, `stop()`), during
+    the open as well as while demuxing: `edge_agent.stream_probe.RtspSocket` finds the socket
+    and shuts it down (never closes it: FFmpeg owns the fd); the blocked read returns at once.
+    When the socket cannot be found, the session ends when FFmpeg's own socket timeout fires.
     """
 
     def __init__(self, url: str, host: str, port: int) -> None:
@@ -292,75 +268,56 @@ class _Connection:
         self.host = host
         self.port = port
         self.container: Any = None
+        self.opening_mono: float | None = None
         self.opened_mono: float | None = None
         self.first_key_mono: float | None = None
         self.interrupt_cause: GapCause | Literal["stopped"] | None = None
-        self._sock: tuple[int, str] | None = None
+        self._sock = RtspSocket(host, port)
         self._lock = threading.Lock()
         self._closed = False
 
     def open(self) -> Any:
-        options = {"rtsp_transport": "tcp", "timeout": _SOCKET_TIMEOUT_US, **_FAST_PROBE}
-        with _open_lock(self.host, self.port):
-            before = _socket_inodes()
+        options = {"rtsp_transport": "tcp", "timeout": _SOCKET_TIMEOUT_US, **FAST_PROBE}
+        self.opening_mono = time.monotonic()
+        with self._sock.opening():
             container = av.open(self.url, options=options)
-            after = _socket_inodes()
         stream = container.streams.video[0] if container.streams.video else None
-        if stream is not None and not (
-            stream.codec_context.extradata and stream.codec_context.width
+        if (
+            self.interrupt_cause is None
+            and stream is not None
+            and not (stream.codec_context.extradata and stream.codec_context.width)
         ):
             # No parameter sets in the SDP: let FFmpeg probe the stream itself (slower, and the
             # probed packets arrive in a burst; rare with real cameras).
+            with self._lock:
+                self._sock.release()
+                self._sock = RtspSocket(self.host, self.port)
             container.close()
             del options["analyzeduration"], options["probesize"]
-            with _open_lock(self.host, self.port):
-                before = _socket_inodes()
+            with self._sock.opening():
                 container = av.open(self.url, options=options)
-                after = _socket_inodes()
         with self._lock:
             self.container = container
-            self._sock = self._find_socket(before, after)
             self.opened_mono = time.monotonic()
         return container
 
-    def _find_socket(self, before: dict[int, str], after: dict[int, str]) -> tuple[int, str] | None:
-        try:
-            addresses = {ai[4][0] for ai in socket.getaddrinfo(self.host, self.port)}
-        except OSError:
-            return None
-        found: list[tuple[int, str]] = []
-        for fd, inode in after.items():
-            if before.get(fd) == inode:
-                continue
-            try:
-                with socket.socket(fileno=os.dup(fd)) as s:
-                    peer = s.getpeername()
-            except OSError:
-                continue
-            if isinstance(peer, tuple) and peer[0] in addresses and peer[1] == self.port:
-                found.append((fd, inode))
-        return found[0] if len(found) == 1 else None
+    def bytes_received(self) -> int | None:
+        """What the camera sent on this session so far (None: unknown)."""
+        return self._sock.bytes_received()
 
     def interrupt(self, cause: GapCause | Literal["stopped"]) -> bool:
-        """Make the blocked demux return now; True if the socket could be shut down."""
+        """Make the blocked open or demux return now; True if the socket could be shut down."""
         with self._lock:
             if self.interrupt_cause is None:
                 self.interrupt_cause = cause
-            if self._closed or self._sock is None:
+            if self._closed:
                 return False
-            fd, inode = self._sock
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") != inode:
-                    return False
-                with socket.socket(fileno=os.dup(fd)) as s:
-                    s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                return False
-            return True
+            return self._sock.interrupt()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._sock.release()
             container, self.container = self.container, None
         if container is not None:
             with contextlib.suppress(av.FFmpegError, OSError):
@@ -383,7 +340,9 @@ class MediaTimeline:
     def __init__(self, time_base: Fraction, fps: float) -> None:
         self.time_base = time_base
         self.nominal = max(1, round(1 / (fps * time_base)))
-        self.ticks_per_s = 1 / time_base
+        # A float, not a Fraction: it is compared against on every packet, and Fraction
+        # arithmetic (ABC isinstance checks, object creation) cost more than the rest of place().
+        self.ticks_per_s = float(1 / time_base)
         self.prev_in: int | None = None
         self.prev_wall = 0.0
         self.out = -self.nominal  # so the first packet lands on 0
@@ -461,7 +420,11 @@ class _SegmentWriter:
             self.sealer = SegmentSealer(self.file, header, rec.recipients, track_sha256=False)
             self.splitter = FragmentSplitter(self._on_init, self._on_fragment)
             self.out: Any = av.open(
-                self.splitter, "w", format="mp4", options=muxer_options(rec.config.fragment_seconds)
+                self.splitter,
+                "w",
+                format="mp4",
+                options=muxer_options(rec.config.fragment_seconds),
+                buffer_size=MUXER_BUFFER_SIZE,
             )
             self.ostream = self.out.add_stream_from_template(in_stream)
             if codec == "H265":
@@ -650,6 +613,8 @@ class CameraRecorder:
         self._repairs = 0
         self._events_dropped = 0
         self._last_error: str | None = None
+        self._keyframe_seq = 0
+        self._last_keyframe: KeyframeSample | None = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -679,6 +644,12 @@ class CameraRecorder:
         self._request_stop()
         if self._thread_done is not None:
             await asyncio.shield(self._thread_done)
+
+    @property
+    def last_keyframe(self) -> KeyframeSample | None:
+        """The latest keyframe received (still compressed), for image health; None before the
+        first. Cheap and safe from any thread: a plain read of an immutable object."""
+        return self._last_keyframe
 
     def stats(self) -> RecorderStats:
         """Live figures for the health report (cheap: no locks, no I/O)."""
@@ -720,9 +691,25 @@ class CameraRecorder:
 
     def _watch(self) -> None:
         conn = self._conn
-        if conn is None or conn.opened_mono is None or conn.interrupt_cause is not None:
+        if conn is None or conn.interrupt_cause is not None:
             return
         now = time.monotonic()
+        if conn.opened_mono is None:
+            # Still inside av.open: a camera that answers RTSP but sends no picture kept it
+            # blocked 15 s here, 47 s more when the open is retried with full probing.
+            if conn.opening_mono is not None and (
+                now - conn.opening_mono > self.config.startup_grace_seconds
+            ):
+                cause: GapCause = "stall" if conn.bytes_received() else "timeout"
+                cut = conn.interrupt(cause)
+                log.warning(
+                    "%s: no video %.0f s after connecting (%s)%s",
+                    self.camera_id,
+                    now - conn.opening_mono,
+                    cause,
+                    "" if cut else ", waiting for FFmpeg's socket timeout",
+                )
+            return
         if conn.first_key_mono is None:
             late = now - conn.opened_mono > self.config.startup_grace_seconds
         else:
@@ -813,7 +800,10 @@ class CameraRecorder:
             container = conn.open()
         except (av.FFmpegError, OSError) as exc:
             out.cause, msg = classify_error(exc, streaming=False)
-            if out.cause == "error" and time.monotonic() - began >= _SOCKET_TIMEOUT_S * 0.9:
+            if conn.interrupt_cause not in (None, "stopped"):
+                out.cause = cast(GapCause, conn.interrupt_cause)  # the watchdog cut the open
+                msg = f"no video within {self.config.startup_grace_seconds:.0f} s ({out.cause})"
+            elif out.cause == "error" and time.monotonic() - began >= _SOCKET_TIMEOUT_S * 0.9:
                 # FFmpeg reports a camera that accepts TCP but never answers RTSP as invalid
                 # data once its socket timeout expires: that is a timeout.
                 out.cause, msg = "timeout", f"no RTSP answer within {_SOCKET_TIMEOUT_S:.0f} s"
@@ -861,14 +851,21 @@ class CameraRecorder:
             return
         self._codec = codec
         timeline = MediaTimeline(stream.time_base or Fraction(1, 90000), _fps_of(stream))
+        place = timeline.place
+        ctx = stream.codec_context
+        extradata = bytes(ctx.extradata) if ctx.extradata else None
+        sample_info = (ctx.name, extradata, ctx.width, ctx.height)
         # A keyframe due exactly at the segment length arrives a few ms early or late; without
         # slack, a camera whose GOP divides the segment length would cut a GOP late every time.
         segment_s = self.config.segment_seconds - min(0.5, self.config.fragment_seconds / 2)
-        packets = container.demux(stream)
+        # This loop runs for every packet of every camera, all threads sharing one GIL: it is
+        # kept to attribute reads and a few assignments (see docs/recording.md, Performance).
+        next_packet = container.demux(stream).__next__
+        now_wall, now_mono = time.time, time.monotonic
         wall = mono = 0.0
         while True:
             try:
-                packet = next(packets)
+                packet = next_packet()
             except StopIteration:
                 out.cause = "eof"
                 break
@@ -880,8 +877,8 @@ class CameraRecorder:
             if not size:
                 continue
             if conn.interrupt_cause is None:
-                wall = time.time()
-                mono = time.monotonic()
+                wall = now_wall()
+                mono = now_mono()
                 self._last_packet_mono = mono
             elif not wall:
                 continue  # interrupted before anything arrived: nothing to stamp it with
@@ -893,13 +890,15 @@ class CameraRecorder:
                 self._samples.append((mono, self._packets, self._bytes_in))
                 self._next_sample = mono + 1.0
             key = packet.is_keyframe
-            pts, dts = timeline.place(packet.pts, packet.dts, wall)
+            pts, dts = place(packet.pts, packet.dts, wall)
             seg = self._segment
-            if seg is not None:
-                if key and mono - seg.start_mono >= segment_s:
+            if key:
+                self._keep_keyframe(packet, wall, sample_info)  # before the muxer takes it
+                if seg is not None and mono - seg.start_mono >= segment_s:
                     self._segment = None
                     self._finish_segment(seg)
                     seg = self._segment = _SegmentWriter(self, stream, codec, wall, dts)
+            if seg is not None:
                 seg.mux(packet, pts, dts, wall, key)
             elif key:  # (re)start recording: nothing decodes before a keyframe
                 seg = self._segment = _SegmentWriter(self, stream, codec, wall, dts)
@@ -922,6 +921,24 @@ class CameraRecorder:
             log.warning("%s: stream lost (%s)", self.camera_id, out.cause)
 
     # -- helpers (worker thread) -------------------------------------------------------------
+
+    def _keep_keyframe(
+        self, packet: Any, wall: float, info: tuple[str, bytes | None, int, int]
+    ) -> None:
+        """Publish the keyframe for image health: one copy of one packet per GOP; readers get
+        the previous sample or this one whole (one attribute store, atomic under the GIL)."""
+        self._keyframe_seq += 1
+        codec, extradata, width, height = info
+        self._last_keyframe = KeyframeSample(
+            camera_id=self.camera_id,
+            seq=self._keyframe_seq,
+            codec=codec,
+            extradata=extradata,
+            data=bytes(packet),
+            wall=wall,
+            width=width,
+            height=height,
+        )
 
     def _finish_segment(self, seg: _SegmentWriter) -> None:
         rec = seg.finish()

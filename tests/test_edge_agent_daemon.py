@@ -393,3 +393,44 @@ def test_device_key_command_prints_the_key_the_daemon_signs_with(
     assert found.returncode == 0, found.stderr
     reports = json.loads(found.stdout)
     assert [r["serial"] for r in reports] == [sim.cameras[0]["serial"]]
+
+
+async def test_image_faults_become_events_and_the_reference_is_kept(
+    tmp_path: Path, simulator_factory: Callable[..., Any]
+) -> None:
+    sim = simulator_factory(cameras=1)
+    # checks faster than the simulator's 2 s keyframe interval: every keyframe is looked at
+    health = "[health]\ncheck_interval_seconds = 1\nconfirm_checks = 2\n"
+    cfg = load_config(write_config(tmp_path, sim.cameras, onvif=1, extra=health))
+    events = Collected()
+    daemon = EdgeDaemon(cfg, event_sink=events)
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.run(stop))
+    try:
+        await until(lambda: daemon.ready.is_set() or run.done(), 60, "daemon ready")
+        if run.done():
+            run.result()
+        assert daemon.cameras is not None
+        await until(
+            lambda: (
+                daemon.cameras is not None
+                and daemon.cameras.inventory.image_reference("cam-001") is not None
+            ),
+            60,
+            "the camera's image reference enrolled",
+        )
+        assert sim.cli("fault", sim.cameras[0]["id"], "black").returncode == 0
+        await until(
+            lambda: bool(events.of(m.ImageFaultEvent, fault="black", active=True)), 40, "black"
+        )
+        raised = events.of(m.ImageFaultEvent, fault="black", active=True)[0]
+        assert raised.camera == "cam-001" and raised.measured["luma_mean"] < 16
+        assert sim.cli("fault", sim.cameras[0]["id"], "clear").returncode == 0
+        await until(
+            lambda: bool(events.of(m.ImageFaultEvent, fault="black", active=False)),
+            40,
+            "black cleared",
+        )
+    finally:
+        stop.set()
+        await run

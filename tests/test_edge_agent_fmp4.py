@@ -10,7 +10,13 @@ import av
 import numpy as np
 import pytest
 
-from edge_agent.fmp4 import Fmp4Error, FragmentSplitter, muxer_options, top_level_boxes
+from edge_agent.fmp4 import (
+    MUXER_BUFFER_SIZE,
+    Fmp4Error,
+    FragmentSplitter,
+    muxer_options,
+    top_level_boxes,
+)
 
 FPS = 25
 
@@ -108,6 +114,40 @@ def test_any_write_split_gives_the_same_pieces(split: int) -> None:
     s.check_complete()
     assert got == [init, *fragments]
     assert s.fragments == len(fragments)
+
+
+def test_with_the_recorders_buffer_each_fragment_is_one_write_passed_on_without_a_copy() -> None:
+    """The recorder opens the muxer with MUXER_BUFFER_SIZE: then every moof+mdat arrives in a
+    single write and the splitter hands that very object on (no reassembly, no copy)."""
+    template, packets = _encoded_packets("libx264", frames=75)
+    written: list[bytes] = []
+    got: list[bytes] = []
+    splitter = FragmentSplitter(got.append, got.append)
+
+    class Recording:
+        def write(self, data: bytes) -> int:
+            written.append(data)
+            return splitter.write(data)
+
+    out = av.open(
+        Recording(),
+        "w",
+        format="mp4",
+        options=muxer_options(1.0),
+        buffer_size=MUXER_BUFFER_SIZE,
+    )
+    ostream = out.add_stream_from_template(template)
+    for p in packets:
+        p.stream = ostream
+        out.mux(p)
+    out.close()
+    splitter.check_complete()
+    fragments = got[1:]
+    assert len(fragments) >= 3
+    for frag in fragments:
+        assert any(frag is w for w in written)  # the muxer's own bytes object
+        assert [b for b, _ in top_level_boxes(frag)] == ["moof", "mdat"]
+    assert _decode_count(b"".join(got)) == 75
 
 
 def _box(kind: bytes, payload: bytes, large: bool = False) -> bytes:

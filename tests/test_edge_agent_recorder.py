@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.fmp4 import top_level_boxes
+from edge_agent.keyframes import KeyframeSample
 from edge_agent.recorder import (
     CameraRecorder,
     MediaTimeline,
@@ -32,6 +34,7 @@ from edge_agent.recorder import (
     segment_paths,
 )
 from edge_agent.segment_store import Gap, IndexedSegment, SegmentStore
+from edge_agent.stream_probe import RtspSocket
 from simulator.camera import Codec, StreamProfile, VirtualCamera
 from simulator.rtsp import RtspService
 from sitelink.sealed_segment import (
@@ -289,6 +292,33 @@ async def test_wrong_credentials_open_an_unauthorized_gap_from_the_start(
     assert segment_paths(site.data_dir, cam.id) == []
 
 
+async def test_camera_stalled_from_the_start_is_cut_at_the_startup_grace_as_a_stall(
+    rtsp: RtspService, site: Site
+) -> None:
+    """It answers RTSP (parameter sets, no picture): FFmpeg's probing would hold av.open for
+    15 s, then 47 s more on the full-probe retry; the watchdog cuts the open itself."""
+    cam = _camera(10, "H264")
+    cam.faults.stall = True
+    await rtsp.add_camera(cam)
+    config = RecorderConfig(
+        segment_seconds=SEGMENT_S,
+        stall_seconds=2.0,
+        startup_grace_seconds=3.0,
+        backoff_initial_seconds=0.5,
+        backoff_max_seconds=1.0,
+    )
+    rec = site.recorder(cam, config)
+    started = time.time()
+    task = asyncio.create_task(rec.run())
+    event = await _next_event(rec, "gap_opened", within=12)
+    await rec.stop()
+    await task
+    assert event.cause == "stall"
+    (gap,) = site.store.gaps(cam.id)
+    assert gap.cause == "stall" and abs(gap.start - started) <= 1.0
+    assert segment_paths(site.data_dir, cam.id) == []
+
+
 async def test_camera_that_accepts_tcp_but_never_answers_is_a_timeout(site: Site) -> None:
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -392,3 +422,95 @@ def test_recorder_refuses_setups_it_could_never_record_with(site: Site) -> None:
         CameraRecorder("cam-01", "http://127.0.0.1/", site.store, [site.key.public_key()])
     with pytest.raises(ValueError, match="shorter than segment_seconds"):
         RecorderConfig(segment_seconds=1, fragment_seconds=2)
+
+
+async def _keyframe_after(rec: CameraRecorder, seq: int, within: float = 10.0) -> KeyframeSample:
+    """Poll (with a deadline) until the recorder publishes a keyframe newer than `seq`."""
+    async with asyncio.timeout(within):
+        # a plain attribute by design (cheap for the recorder thread): nothing to await
+        while (sample := rec.last_keyframe) is None or sample.seq <= seq:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return sample
+
+
+def _decode_keyframe(sample: KeyframeSample) -> av.VideoFrame:
+    ctx = av.CodecContext.create(sample.codec, "r")
+    assert isinstance(ctx, av.VideoCodecContext)
+    if sample.extradata is not None:
+        ctx.extradata = sample.extradata
+    frames = [*ctx.decode(av.Packet(sample.data)), *ctx.decode(None)]
+    assert len(frames) == 1
+    frame = frames[0]
+    assert isinstance(frame, av.VideoFrame)
+    return frame
+
+
+async def test_every_keyframe_is_published_compressed_for_image_health(
+    rtsp: RtspService, site: Site
+) -> None:
+    """The hook image health reads: the latest keyframe with what a decoder needs, decodable
+    on its own into a picture of the stream's size; one new sample per GOP."""
+    cams = [_camera(7, "H264"), _camera(8, "H265")]
+    await rtsp.prepare(cams)
+    for cam in cams:
+        await rtsp.add_camera(cam)
+    recs = [site.recorder(cam) for cam in cams]
+    assert all(rec.last_keyframe is None for rec in recs)
+    started = time.time()
+    tasks = [asyncio.create_task(r.run()) for r in recs]
+    try:
+        for cam, rec in zip(cams, recs, strict=True):
+            first = await _keyframe_after(rec, 0)
+            second = await _keyframe_after(rec, first.seq)
+            assert second.seq == first.seq + 1
+            assert started <= first.wall < second.wall <= time.time()  # receipt times
+            assert first.camera_id == cam.id
+            assert first.codec == {"H264": "h264", "H265": "hevc"}[cam.profiles[0].codec]
+            assert first.extradata  # the SDP's parameter sets
+            assert (first.width, first.height) == (640, 360)
+            for sample in (first, second):
+                frame = _decode_keyframe(sample)
+                assert (frame.width, frame.height) == (640, 360)
+                assert frame.key_frame
+    finally:
+        await asyncio.gather(*(r.stop() for r in recs))
+        await asyncio.gather(*tasks)
+
+
+def test_rtsp_socket_is_found_and_cut_even_while_another_thread_borrows_its_fd() -> None:
+    """FFmpeg's socket is found from /proc by peer address; a concurrent search holds a
+    duplicate fd of every socket it inspects, which must not make the match ambiguous (with
+    16 cameras opening at once a recorder once could not be stopped because of it)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        host, port = server.getsockname()
+
+        sock = RtspSocket(host, port)
+        with sock.opening():  # stands for av.open: connects inside
+            client = socket.create_connection((host, port))
+            borrowed = os.dup(client.fileno())  # another thread's search, at that moment
+        os.close(borrowed)
+        peer, _ = server.accept()
+        with client, peer:
+            assert sock.found
+            assert sock.interrupt()
+            assert peer.recv(1) == b""  # shut down: the blocked reader would return now
+            sock.release()
+            assert not sock.interrupt()  # released: never touched again
+
+        # While the open still blocks, the socket is searched for when needed; what the
+        # camera sent tells an RTSP answer without video from no answer at all.
+        blocked = RtspSocket(host, port)
+        with blocked.opening():
+            client = socket.create_connection((host, port))
+            peer, _ = server.accept()
+            with client, peer:
+                assert blocked.bytes_received() == 0
+                peer.sendall(b"RTSP/1.0 200 OK\r\n\r\n")
+                deadline = time.monotonic() + 5
+                while blocked.bytes_received() != 19 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert blocked.bytes_received() == 19
+                assert blocked.interrupt()
+                assert peer.recv(1) == b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from edge_agent.stream_probe import measure_stream
 from tests.conftest import RunningSimulator
 
 BIN = Path(sys.executable).parent
@@ -74,8 +76,16 @@ def test_survey_json_gives_every_camera_a_correct_verdict(
     assert not by_id["cam-09"]["eligible"]
     assert abs(by_id["cam-09"]["device"]["clock_offset_s"] - 120) < 3
     assert any("clock" in r for r in by_id["cam-09"]["reasons"])
+    # the stalled camera answers ONVIF and RTSP but never sends a picture: cut at the open
+    # deadline and reported as a stall, not left to FFmpeg's socket timeout
     assert not by_id["cam-13"]["eligible"]
-    assert any("RTSP" in r for r in by_id["cam-13"]["reasons"])
+    assert by_id["cam-13"]["onvif_ok"]
+    assert by_id["cam-13"]["stream"]["error"] == "stall"
+    assert any("RTSP stall" in r for r in by_id["cam-13"]["reasons"])
+    for cid in ("cam-02", "cam-05", "cam-09"):  # one reason each, the right one
+        assert len(by_id[cid]["reasons"]) == 1, by_id[cid]["reasons"]
+    assert by_id["cam-02"]["reachable"] and not by_id["cam-02"]["onvif_ok"]
+    assert by_id["cam-09"]["stream"]["error"] is None  # skewed, but streaming fine
 
     healthy = [
         row for cid, row in by_id.items() if cid not in ("cam-02", "cam-05", "cam-09", "cam-13")
@@ -117,3 +127,34 @@ def test_survey_without_any_camera_says_what_to_do(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "--camera" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_stream_that_accepts_tcp_but_never_answers_rtsp_is_cut_as_a_timeout() -> None:
+    """No RTSP answer within the open deadline: `timeout`, from our deadline, not FFmpeg's
+    (which reports such a camera as invalid data after 2-3x its socket timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # the kernel completes handshakes; nobody ever answers RTSP
+        port = silent.getsockname()[1]
+        m = await measure_stream(
+            f"rtsp://127.0.0.1:{port}/main", "u", "p", seconds=1.0, open_timeout=1.0
+        )
+    assert m.error == "timeout", m
+    assert m.error_message == "no RTSP answer within 1 s"
+    assert m.url == f"rtsp://127.0.0.1:{port}/main"  # never the credentials
+
+
+async def test_stream_refused_and_unauthorized_are_told_apart(
+    simulator_factory: Callable[..., RunningSimulator],
+) -> None:
+    sim = simulator_factory(cameras=1)
+    cam = sim.cameras[0]
+    bad = await measure_stream(cam["rtsp_main"], cam["user"], "wrong", seconds=1.0)
+    assert bad.error == "unauthorized", bad
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # bound, not listening: the connection is refused
+        refused = await measure_stream(f"rtsp://127.0.0.1:{port}/main", seconds=1.0)
+    assert refused.error == "refused", refused
+    good = await measure_stream(cam["rtsp_main"], cam["user"], cam["password"], seconds=1.5)
+    assert good.error is None and good.codec == "H264" and good.packets >= 10, good
