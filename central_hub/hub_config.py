@@ -385,6 +385,20 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "https:// URL under which users and edge tunnels reach this hub instance.",
         _check_http_url,
     ),
+    _setting(
+        "viewing.key_file",
+        "path",
+        None,
+        "The viewing private key (`central-hub keygen`): opens sealed segments in memory for "
+        "playback and export. Unset: this instance serves no footage (status only).",
+    ),
+    _setting(
+        "viewing.signing_key_file",
+        "path",
+        None,
+        "The hub's Ed25519 key that signs export bundles (`central-hub export keygen`). "
+        "Required with viewing.key_file.",
+    ),
 )
 
 SETTINGS_BY_NAME: Final = {s.name: s for s in SETTINGS}
@@ -468,6 +482,12 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class ViewingConfig:
+    key_file: Path | None = None
+    signing_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class HubConfig:
     """Everything the hub reads from its config file."""
 
@@ -478,6 +498,7 @@ class HubConfig:
     tickets: TicketsConfig = TicketsConfig()
     alerts: AlertsConfig = AlertsConfig()
     web: WebConfig = WebConfig()
+    viewing: ViewingConfig = ViewingConfig()
     source: Path | None = None
 
 
@@ -593,9 +614,20 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config"
             problems.append("mqtt.cert_file: mqtts:// needs mqtt.cert_file and mqtt.key_file")
         if not tls and any(x is not None for x in (cert, key, ca)):
             problems.append("mqtt.url: TLS files are set but the URL is plaintext mqtt://")
-    for name, p in (("mqtt.ca_file", ca), ("mqtt.cert_file", cert), ("mqtt.key_file", key)):
+    viewing_key, signing_key = path("viewing.key_file"), path("viewing.signing_key_file")
+    for name, p in (
+        ("mqtt.ca_file", ca),
+        ("mqtt.cert_file", cert),
+        ("mqtt.key_file", key),
+        ("viewing.key_file", viewing_key),
+        ("viewing.signing_key_file", signing_key),
+    ):
         if p is not None and not p.is_file():
             problems.append(f"{name}: no such file {p}")
+    if (viewing_key is None) != (signing_key is None):
+        problems.append(
+            "viewing.signing_key_file: viewing.key_file and viewing.signing_key_file go together"
+        )
     if get("mqtt.receive_maximum") < 2 * get("ingest.batch_max_messages"):
         problems.append(
             "mqtt.receive_maximum: must be at least twice ingest.batch_max_messages "
@@ -653,6 +685,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config"
         web=WebConfig(
             host=host.strip("[]"), port=int(port), public_url=get("web.public_url") or None
         ),
+        viewing=ViewingConfig(key_file=viewing_key, signing_key_file=signing_key),
         source=Path(source) if source != "config" else None,
     )
 
