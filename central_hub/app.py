@@ -40,6 +40,8 @@ from sitelink.signing import SigningKeyError, load_public_key_pem
 log = logging.getLogger(__name__)
 
 HUB: web.AppKey[Hub] = web.AppKey("isocam_hub", object)  # type: ignore[arg-type]
+#: The app's Prometheus registry: web parts register their own collectors on it.
+METRICS: web.AppKey[CollectorRegistry] = web.AppKey("isocam_metrics", CollectorRegistry)
 
 
 class CommandPublisher:
@@ -193,6 +195,7 @@ def build_app(hub: Hub) -> web.Application:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(IngestCollector(hub.ingest_counters))
+    app[METRICS] = registry
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(
@@ -234,7 +237,9 @@ async def serve(
     await hub.publisher.start()
     data_ready = asyncio.Event()
     data = asyncio.create_task(
-        run_data_services(hub.db, config, alerts=hub.alerts, ready=data_ready),
+        run_data_services(
+            hub.db, config, alerts=hub.alerts, ready=data_ready, counters=hub.ingest_counters
+        ),
         name="hub-data-services",
     )
     for hook in hub.on_start:

@@ -1757,10 +1757,12 @@ async def run_data_services(
     *,
     alerts: AlertHub,
     ready: asyncio.Event | None = None,
+    counters: IngestCounters | None = None,
 ) -> None:
     """Everything the hub's data side runs, until cancelled: the ingest, the ticket scheduler,
     event pruning and (if configured) the webhook sender. `serve` starts this next to the web
-    server and gives the same `alerts` hub to the WebSocket handlers."""
+    server and gives the same `alerts` hub to the WebSocket handlers, and the `counters` its
+    /metrics endpoint reads (a fresh set otherwise)."""
     from central_hub.tickets import TicketScheduler  # tickets imports this module
 
     ingest = Ingest(
@@ -1770,6 +1772,8 @@ async def run_data_services(
         policy=LedgerPolicy(outage_image_faults=config.status.outage_image_faults),
         alerts=alerts,
     )
+    if counters is not None:
+        ingest.counters = counters
     webhook = None
     if config.alerts.webhook_url:
         webhook = WebhookSender(

@@ -25,8 +25,9 @@ from sqlalchemy.engine import Connection
 
 from central_hub import status as _status  # noqa: F401  (registers the status tables)
 from central_hub.db import Database, DatabaseError
-from central_hub.hub_config import DEFAULT_CONFIG_PATH, HubConfigError, load_config
+from central_hub.hub_config import DEFAULT_CONFIG_PATH
 from central_hub.sites import AUTHORITIES, OPERATORS, SITE_KINDS, sites
+from sitelink.signing import SigningKeyError, load_public_key_pem, public_key_pem
 from sitelink.topics import TopicError, check_site_id
 
 _TEXT_RE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
@@ -65,8 +66,12 @@ def enroll_site(
     operator: str,
     name: str = "",
     now: float | None = None,
+    device_public_key: str | None = None,
 ) -> None:
-    """Add a site (enabled). Raises SiteError on a bad value or an id already enrolled."""
+    """Add a site (enabled). Raises SiteError on a bad value or an id already enrolled.
+
+    `device_public_key` is the edge box's Ed25519 key (PEM, as `edge-agent device-key`
+    prints it); without it the hub cannot check the box's chain heads or tunnel logins."""
     try:
         check_site_id(site_id)
     except TopicError as exc:
@@ -81,11 +86,25 @@ def enroll_site(
         "operator": _choice("operator", operator, OPERATORS),
         "enabled": True,
         "enrolled_at": time.time() if now is None else now,
+        "device_public_key": _device_key(device_public_key),
     }
     exists = conn.execute(sa.select(sites.c.site_id).where(sites.c.site_id == site_id)).first()
     if exists is not None:
         raise SiteError(f"site {site_id} is already enrolled")
     conn.execute(sites.insert().values(**row))
+
+
+def _device_key(pem: str | None) -> str | None:
+    """The PEM of an Ed25519 public key, normalised; SiteError if it is anything else."""
+    if pem is None:
+        return None
+    if len(pem) > 4096:
+        raise SiteError("device key: expected one PEM public key (a few hundred bytes)")
+    try:
+        key = load_public_key_pem(pem.strip() + "\n")
+    except SigningKeyError as exc:
+        raise SiteError(f"device key: {exc}") from None
+    return public_key_pem(key)
 
 
 def set_site_enabled(conn: Connection, site_id: str, enabled: bool) -> bool:
@@ -127,11 +146,15 @@ def _open_db(ctx: click.Context) -> Database:
     obj = ctx.find_object(dict) or {}
     url = obj.get("database")
     if url is None:
+        # Read the file as `central-hub serve` does (its [auth] table included).
+        from central_hub.cli import load_hub_config  # late: the CLI module imports this one
+
+        path = Path(obj.get("config") or DEFAULT_CONFIG_PATH)
         try:
-            cfg = load_config(obj.get("config") or DEFAULT_CONFIG_PATH)
-        except HubConfigError as exc:
+            cfg, _ = load_hub_config(path)
+        except click.ClickException as exc:
             raise click.ClickException(
-                f"{exc}\n(give the database with --database URL or a config with --config)"
+                f"{exc.message}\n(give the database with --database URL or a config with --config)"
             ) from None
         url = cfg.database.effective_url()
     try:
@@ -176,6 +199,13 @@ def sites_group(ctx: click.Context, config: Path | None, database: str | None) -
 )
 @click.option("--operator", required=True, type=click.Choice(OPERATORS), help="Telecom operator.")
 @click.option("--name", default="", help="Name as people call it (Vietnamese is fine).")
+@click.option(
+    "--device-key",
+    "device_key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File with the box's device public key (PEM), as `edge-agent device-key` prints it.",
+)
 @click.pass_context
 def add_cmd(
     ctx: click.Context,
@@ -186,8 +216,15 @@ def add_cmd(
     authority: str,
     operator: str,
     name: str,
+    device_key: Path | None,
 ) -> None:
     """Enrol SITE_ID (the CN of the site's MQTT certificate) with its attributes."""
+    pem = None
+    if device_key is not None:
+        try:
+            pem = device_key.read_text(encoding="ascii", errors="replace")[:5000]
+        except OSError as exc:
+            raise click.ClickException(f"{device_key}: {exc.strerror or exc}") from None
     db = _open_db(ctx)
     try:
         with db.engine.begin() as conn:
@@ -200,6 +237,7 @@ def add_cmd(
                 authority=authority,
                 operator=operator,
                 name=name,
+                device_public_key=pem,
             )
     except SiteError as exc:
         raise click.ClickException(str(exc)) from None
