@@ -213,10 +213,40 @@ def build_app(hub: Hub) -> web.Application:
 
 
 def _setup_parts(app: web.Application, hub: Hub) -> None:
-    """Mount the board/API and viewing parts (each owns its routes and templates)."""
+    """Mount the board/API and viewing parts (each owns its routes and templates). Viewing is
+    mounted only when the instance holds the viewing and signing keys (`[viewing]`); an
+    instance without them serves status only."""
     from central_hub.board import setup_board
 
     setup_board(app, hub)
+    keys = hub.config.viewing
+    if keys.key_file is None or keys.signing_key_file is None:
+        log.warning("no [viewing] keys configured: live view, playback and export are off")
+        return
+    from central_hub.export import load_signing_key
+    from central_hub.status import cameras
+    from central_hub.viewing import setup_viewing
+    from sitelink.sealed_segment import load_private_key
+
+    def cameras_of(site_id: str) -> list[str]:
+        with hub.db.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(cameras.c.camera_id)
+                .where(cameras.c.site_id == site_id)
+                .order_by(cameras.c.camera_id)
+            )
+            return [r.camera_id for r in rows]
+
+    setup_viewing(
+        app,
+        db=hub.db,
+        broker=hub.broker,
+        viewing_key=load_private_key(keys.key_file),
+        signing_key=load_signing_key(keys.signing_key_file),
+        audit=hub.audit,
+        cameras_of=cameras_of,
+        mount_tunnel=False,
+    )
 
 
 async def serve(

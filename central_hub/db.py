@@ -157,6 +157,8 @@ class Database:
         knows (an older hub binary against a newer schema)."""
         import time
 
+        import central_hub.schema  # noqa: F401 - registers every component's migrations
+
         metadata.create_all(self.engine, tables=[schema_migrations])
         done = self.applied()
         known: dict[str, int] = {}

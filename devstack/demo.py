@@ -95,6 +95,14 @@ def write_hub_config(broker_url: str) -> tuple[Path, str]:
         secret_file.chmod(0o600)
     port = 8080 if _port_free(8080) else free_port()
     url = f"http://127.0.0.1:{port}"
+    keys = DEMO_DIR / "keys"
+    if not (keys / "hub-signing.key").exists():
+        subprocess.run(
+            [str(BIN / "central-hub"), "export", "keygen", str(keys / "hub-signing.key")],
+            check=True,
+            timeout=60,
+            stdout=subprocess.DEVNULL,
+        )
     lines = [
         "# written by the demo (devstack/demo.py); see docs/hub.md and docs/security.md",
         "[database]",
@@ -108,6 +116,9 @@ def write_hub_config(broker_url: str) -> tuple[Path, str]:
         "[web]",
         f'listen = "127.0.0.1:{port}"',
         f'public_url = "{url}"',
+        "[viewing]",
+        f'key_file = "{keys / "viewer.key"}"',
+        f'signing_key_file = "{keys / "hub-signing.key"}"',
         "[auth]",
         "cookie_secure = false",  # plain http on loopback: the demo has no TLS proxy
         f'secret = "{secret_file.read_text().strip()}"',

@@ -390,6 +390,10 @@ def run(config: Path) -> None:
         raise click.ClickException(f"edge agent stopped: {exc}") from None
 
 
+def _days_text(days: float | None) -> str:
+    return "?" if days is None else f"{days:.1f}"
+
+
 @main.command()
 @click.option(
     "--config", "-c", type=click.Path(path_type=Path), default=DEFAULT_CONFIG, show_default=True
@@ -417,7 +421,7 @@ def status(config: Path, as_json: bool) -> None:
     click.echo(
         f"Điểm / site {data['site']}  agent {data['agent_version']}  "
         f"uptime {data['uptime_s']:.0f} s  disk {data['disk']['level']} "
-        f"(forecast {data['disk']['forecast_days'] or '?'} days)  "
+        f"(forecast {_days_text(data['disk']['forecast_days'])} days)  "
         f"uplink {'connected' if up.get('connected') else 'DOWN'}"
         + (f" spool {up.get('spool_depth')}" if up else "")
     )
