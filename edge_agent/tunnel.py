@@ -651,7 +651,10 @@ def _websocket_url(hub_url: str) -> str:
 # The segment index is read through its own read-only connection (`open_reader`), by the
 # columns docs/recording.md documents; one indexed lookup instead of `SegmentStore.segments()`,
 # which reads every row of the range (a month is ~43,000 rows per camera).
-_SEGMENT_COLUMNS = "seq, path, start_time, end_time, bytes, fragments, finished, codec, file_sha256"
+_SEGMENT_COLUMNS = (
+    "seq, path, start_time, end_time, bytes, fragments, finished, codec, file_sha256, "
+    "row_hash, prev_hash"
+)
 
 
 def _segment_row(data_dir: Path, camera: str, seq: int) -> dict[str, Any] | None:
@@ -687,6 +690,8 @@ def _segment_info(row: dict[str, Any]) -> SegmentInfo:
         finished=bool(row["finished"]),
         codec=str(row["codec"] or "unknown"),
         sha256=str(row["file_sha256"]),
+        row_hash=row.get("row_hash") or None,
+        prev_hash=row.get("prev_hash") or None,
     )
 
 

@@ -417,6 +417,10 @@ class SegmentInfo(_Strict):
     finished: bool
     codec: CodecName
     sha256: Sha256Hex
+    #: the segment's link in the camera's hash chain (index row hash, and the previous row's):
+    #: an export manifest carries them so the footage can be tied to signed chain heads
+    row_hash: Sha256Hex | None = None
+    prev_hash: Sha256Hex | None = None
 
 
 class GapInfo(_Strict):

@@ -133,6 +133,10 @@ async def test_request_approve_by_another_download_and_verify_offline(
     assert [(s["seq"], s["sha256"], s["chain_position"]) for s in manifest["segments"]] == [
         (s.seq, s.file_sha256, s.seq) for s in segments
     ]
+    # each segment's link in the camera's hash chain, as the edge's index holds it
+    assert [(s["row_hash"], s["prev_hash"]) for s in manifest["segments"]] == [
+        (s.row_hash, s.prev_hash) for s in segments
+    ]
     assert manifest["legal_basis"]["document_number"] == "123/QĐ-CAHN"
     assert manifest["requested"]["email"] == "yeucau@hanoi.gov.vn"
     assert manifest["approved"]["email"] == "pheduyet@hanoi.gov.vn"
