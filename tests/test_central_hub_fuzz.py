@@ -34,6 +34,7 @@ from central_hub.ingest import Ingest
 from central_hub.sites_cli import enroll_site, set_site_enabled
 from central_hub.status import cameras, outages
 from devstack.broker import Mosquitto
+from devstack.waiting import until
 from sitelink.messages import (
     MAX_PAYLOAD_BYTES,
     CameraDown,
@@ -46,7 +47,7 @@ from sitelink.messages import (
     decode_delivery,
     encode,
 )
-from tests.test_central_hub_ingest import edge, inventory, mqtt_config, until
+from tests.test_central_hub_ingest import edge, inventory, mqtt_config
 
 N_MESSAGES = int(os.environ.get("ISOCAM_FUZZ_MESSAGES", "5000"))
 

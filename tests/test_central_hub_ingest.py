@@ -14,7 +14,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from central_hub.sites import sites
 from central_hub.sites_cli import enroll_site, set_site_enabled, sites_group
 from central_hub.status import camera_health, camera_thumbnails, cameras, events, outages
 from devstack.broker import Mosquitto
+from devstack.waiting import until
 from sitelink.messages import (
     CameraDown,
     CameraHealth,
@@ -160,18 +161,6 @@ async def edge(broker: Mosquitto, site_id: str) -> AsyncIterator[Edge]:
         broker.host, broker.port, identifier=f"edge-{site_id}-{next(_client_ids)}"
     ) as client:
         yield Edge(client, site_id)
-
-
-async def until(check: Callable[[], Any], *, within: float = 15.0, what: str = "condition") -> Any:
-    """Poll a real observable (the database, counters) until it holds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
-        await asyncio.sleep(0.05)
 
 
 def site_row(db: Database, site_id: str) -> dict[str, Any] | None:

@@ -41,8 +41,9 @@ from central_hub.tickets import (
 )
 from devstack.broker import Mosquitto
 from devstack.ports import free_port
+from devstack.waiting import until
 from sitelink.messages import CameraDown, CameraUp, Message, StateBirth, encode
-from tests.test_central_hub_ingest import edge, mqtt_config, running_ingest, until
+from tests.test_central_hub_ingest import edge, mqtt_config, running_ingest
 
 T = 1_800_000_000.0
 THRESHOLD = 900.0

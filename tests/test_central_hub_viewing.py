@@ -48,6 +48,7 @@ from central_hub.viewing import (
 )
 from central_hub.web_auth import AUTH, setup_auth
 from devstack.ports import free_port
+from devstack.waiting import until as poll
 from edge_agent.recorder import CameraRecorder, LiveTap, RecorderConfig
 from edge_agent.segment_store import SegmentStore
 from edge_agent.tunnel import serve_tunnel
@@ -262,18 +263,6 @@ def parse_record(data: bytes) -> tuple[int, dict[str, Any], bytes]:
 def count_frames(data: bytes) -> int:
     with av.open(io.BytesIO(data)) as container:
         return sum(1 for _ in container.decode(video=0))
-
-
-async def poll(check: Callable[[], Any], within: float = 30.0, what: str = "condition") -> Any:
-    """Poll a real observable until it is truthy (there is no event to await)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 FAST_SEGMENTS = RecorderConfig(segment_seconds=4.0, backoff_initial_seconds=0.5,

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 
 from devstack.ports import free_port
+from devstack.waiting import until
 from edge_agent.config import load_config
 from edge_agent.daemon import EdgeDaemon, Timings, query_status
 from edge_agent.segment_store import open_reader
@@ -88,15 +89,6 @@ def write_config(
     path = tmp_path / "edge.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
-
-
-async def until(predicate: Callable[[], bool], within: float, what: str) -> None:
-    """Poll a real observable until it holds; fail with `what` after `within` seconds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.1)
 
 
 class Collected:

@@ -15,11 +15,12 @@ import pytest
 
 from devstack.broker import Mosquitto
 from devstack.mqtt_observer import HubSubscriber
+from devstack.waiting import until
 from edge_agent.config import load_config
 from edge_agent.daemon import EdgeDaemon
 from sitelink import messages as m
 from sitelink.topics import Kind
-from tests.test_edge_agent_daemon import Collected, until, write_config
+from tests.test_edge_agent_daemon import Collected, write_config
 
 SITE = "hcm-q7-kcl01"
 OUTAGE_S = 60.0

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from central_hub.tunnel import RemoteError, TunnelBroker, TunnelRevoked
 from devstack.certs import CertificateAuthority
+from devstack.waiting import until as _poll
 from edge_agent.device_key import load_public_key_pem
 from edge_agent.recorder import CameraRecorder, LiveTap, RecorderConfig
 from edge_agent.segment_store import SegmentStore
@@ -223,18 +224,6 @@ async def _record(
         for rec in recs:
             await rec.tap.wait(0)
     return recs
-
-
-async def _poll(check: Callable[[], Any], within: float = 30.0, what: str = "condition") -> Any:
-    """Poll a real observable until it is truthy (there is no event to await)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def _decode_frames(data: bytes) -> int:
