@@ -53,6 +53,8 @@ CONFIG = HealthConfig(
     frozen_max_diff=0.1,
     moved_max_similarity=0.5,
     confirm_checks=3,
+    ntp_server="",
+    max_box_clock_offset_seconds=2.0,
 )
 DEFAULT_INTERVAL_S = 10.0
 

@@ -223,6 +223,8 @@ class HealthConfig:
     frozen_max_diff: float
     moved_max_similarity: float
     confirm_checks: int
+    ntp_server: str
+    max_box_clock_offset_seconds: float
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class Timings:
     sign_heads: float = 60.0
     expiry: float = 600.0
     disk: float = 30.0
+    clock: float = 300.0
 
 
 @dataclass
@@ -108,6 +109,8 @@ class EdgeDaemon:
         self._key: Any = None
         self._tunnels: set[asyncio.Task[None]] = set()
         self._thumb_cursor = 0
+        self._ntp_offset: float | None = None
+        self._clock_level = "ok"
         self._jobs: list[asyncio.Task[None]] = []
         self._status_runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -236,6 +239,7 @@ class EdgeDaemon:
                     first_delay=min(5.0, float(cfg.mqtt.health_interval_seconds)),
                 ),
                 self._every("inventory", 30.0, self._publish_inventory),
+                self._every("clock", self.timings.clock, self._clock),
                 self._every(
                     "rescan",
                     cfg.discovery.rescan_minutes * 60,
@@ -527,7 +531,7 @@ class EdgeDaemon:
         site = self._sampler.sample(
             forecast_days=_days(self._forecast_days),
             spool_depth=self.uplink.spool_depth,
-            clock_offset_s=None,
+            clock_offset_s=self._ntp_offset,
         )
         cams = self._camera_health()
         bare = m.Health(ts=time.time(), site=site, cameras=cams)
@@ -626,6 +630,29 @@ class EdgeDaemon:
         ca = self.config.viewing.ca_file
         return ssl.create_default_context(cafile=str(ca)) if ca else None
 
+    async def _clock(self) -> None:
+        """Compare the box clock with NTP (`health.ntp_server`); a `clock` event when the
+        offset crosses `health.max_box_clock_offset_seconds` either way."""
+        server = self.config.health.ntp_server
+        if not server:
+            return
+        host, _, port = server.rpartition(":") if ":" in server else (server, "", "123")
+        try:
+            offset = await asyncio.to_thread(_ntp_offset, host.strip("[]"), int(port or 123))
+        except Exception as exc:  # unreachable NTP is worth a log line, not an alarm
+            if self._ntp_offset is not None or self.counters.job_errors.get("ntp") is None:
+                log.warning("NTP %s: no answer (%s); box clock offset unknown", server, exc)
+            self.counters.job_errors["ntp"] = self.counters.job_errors.get("ntp", 0) + 1
+            self._ntp_offset = None
+            return
+        self._ntp_offset = round(offset, 3)
+        level = "warning" if abs(offset) > self.config.health.max_box_clock_offset_seconds else "ok"
+        if level != self._clock_level:
+            self._clock_level = level
+            log.log(logging.WARNING if level != "ok" else logging.INFO,
+                    "box clock is %+.3f s from NTP %s", offset, server)  # fmt: skip
+            await self.emit(m.ClockEvent, level=level, offset_s=self._ntp_offset)
+
     async def _rescan(self) -> None:
         assert self.cameras is not None
         await self.cameras.rescan()
@@ -641,6 +668,7 @@ class EdgeDaemon:
             "uptime_s": round(time.time() - self.started, 1),
             "ready": self.ready.is_set(),
             "disk": {"level": self._disk_level, "forecast_days": _days(self._forecast_days)},
+            "clock": {"ntp_offset_s": self._ntp_offset, "level": self._clock_level},
             "alarms": sorted(self._alarms),
             "events": self.counters.events,
             "job_errors": self.counters.job_errors,
@@ -703,6 +731,14 @@ class _Sources(TunnelSources):
 
     def snapshot(self, camera: str) -> bytes | None:
         return self._d._snapshot(camera)
+
+
+def _ntp_offset(host: str, port: int) -> float:
+    """NTP time minus this box's time, in seconds (one SNTP query, ntplib)."""
+    import ntplib
+
+    response = ntplib.NTPClient().request(host, version=4, port=port, timeout=3)
+    return float(response.offset)
 
 
 def _days(value: float | None) -> float | None:

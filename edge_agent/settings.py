@@ -819,6 +819,22 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "confirm_checks x interval + one keyframe interval (≈ 10 s with the defaults).",
         (between(1, 100),),
     ),
+    Setting(
+        "health.ntp_server",
+        "string",
+        "",
+        "NTP server the box's clock is compared with (HOST or HOST:PORT, port 123 by default), "
+        "e.g. the operator's. Empty: the box's clock offset is not measured.",
+        (host_port(123, allow_empty=True),),
+    ),
+    Setting(
+        "health.max_box_clock_offset_seconds",
+        "float",
+        2.0,
+        "A box clock further than this from NTP raises a `clock` event (segment times and "
+        "event times come from this clock).",
+        (between(0.01, 3600),),
+    ),
     # viewing
     Setting(
         "viewing.ca_file",

@@ -10,12 +10,13 @@ import asyncio
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -426,3 +427,67 @@ async def test_image_faults_become_events_and_the_reference_is_kept(
     finally:
         stop.set()
         await run
+
+
+class NtpPeer(asyncio.DatagramProtocol):
+    """An NTP server on loopback whose clock runs `offset` seconds ahead of this machine's
+    (a network peer standing in for the operator's NTP server)."""
+
+    NTP_EPOCH = 2_208_988_800  # 1900-01-01 to 1970-01-01
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (3.11's selector datagram transport does not subclass DatagramTransport)
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def _stamp(self, t: float) -> bytes:
+        t += self.NTP_EPOCH
+        return struct.pack("!II", int(t), int((t % 1) * 2**32))
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) < 48 or self.transport is None:
+            return
+        now = time.time() + self.offset
+        reply = (
+            struct.pack("!BBbb", 0x24, 1, 4, -20)  # no leap, v4, server; stratum 1
+            + struct.pack("!II", 0, 0)
+            + b"GPS\x00"
+            + self._stamp(now)  # reference
+            + data[40:48]  # originate = the client's transmit time
+            + self._stamp(now)  # receive
+            + self._stamp(now)  # transmit
+        )
+        self.transport.sendto(reply, addr)
+
+
+async def test_box_clock_offset_to_ntp_is_reported_and_raises_a_clock_event(
+    tmp_path: Path, simulator_factory: Callable[..., Any]
+) -> None:
+    sim = simulator_factory(cameras=1)
+    peer = NtpPeer()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: peer, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    health = f'[health]\nntp_server = "127.0.0.1:{port}"\nmax_box_clock_offset_seconds = 2\n'
+    cfg = load_config(write_config(tmp_path, sim.cameras, onvif=1, extra=health))
+    events = Collected()
+    daemon = EdgeDaemon(cfg, timings=Timings(clock=0.5), event_sink=events)
+    stop = asyncio.Event()
+    peer.offset = 30.0
+    run = asyncio.create_task(daemon.run(stop))
+    try:
+        await until(lambda: bool(events.of(m.ClockEvent, level="warning")), 60, "clock warning")
+        raised = events.of(m.ClockEvent, level="warning")[0]
+        assert raised.camera is None and 29 < raised.offset_s < 31
+        status = await query_status(cfg.status.socket)
+        assert 29 < status["clock"]["ntp_offset_s"] < 31
+        peer.offset = 0.0
+        await until(lambda: bool(events.of(m.ClockEvent, level="ok")), 30, "clock back to ok")
+        assert abs(events.of(m.ClockEvent, level="ok")[0].offset_s) < 1
+    finally:
+        stop.set()
+        await run
+        transport.close()

@@ -52,6 +52,8 @@ FAST = HealthConfig(
     frozen_max_diff=0.1,
     moved_max_similarity=0.5,
     confirm_checks=2,
+    ntp_server="",
+    max_box_clock_offset_seconds=2.0,
 )
 STREAM_DEADLINE_S = 15.0
 
