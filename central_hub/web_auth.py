@@ -325,6 +325,10 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
         "registrations": can(principal, "manage_accounts", None, now),
         "users": can(principal, "manage_accounts", None, now),
         "audit": can(principal, "view_audit", None, now),
+        "board": can(principal, "view_status", None, now),
+        "tickets": can(principal, "manage_tickets", None, now),
+        "export": can(principal, "export_request", None, now)
+        or can(principal, "export_approve", None, now),
     }
 
     def t(key: str, **values: object) -> str:

@@ -45,6 +45,7 @@ async def test_the_board_opens_the_country_then_a_province_then_a_district(board
     await board.login("noc@vnpt.gov.vn")
     html = await page(board, "/board")
     assert "Bảng giám sát" in html and 'lang="vi"' in html
+    assert 'id="menu-board"' in html and 'id="menu-tickets"' in html
     assert re.findall(r'class="group" data-group="([^"]+)" data-rag="(\w+)"', html) == [
         ("Cao Bằng", "amber"),
         ("Hà Nội", "amber"),
@@ -195,6 +196,9 @@ async def test_a_status_watcher_sees_the_board_but_not_the_ledger(board: Board) 
     await board.login("s@hanoi.gov.vn")
     html = await page(board, "/board")
     assert 'id="t-tickets"' not in html and "data-site-id" in html
+    # the menu offers what the grants allow: the board, not tickets nor exports
+    assert 'id="menu-board"' in html
+    assert 'id="menu-tickets"' not in html and 'id="menu-export"' not in html
     html = await page(board, "/board/sites/hn-bd-01")
     assert 'id="outages"' not in html and 'id="site-tickets"' not in html
     await page(board, "/board/tickets", status=403)
