@@ -225,7 +225,7 @@ def test_edge_agent_run_survives_kill_and_status_command_works(
                 data: dict[str, Any] = json.loads(res.stdout)
                 if data["cameras"] and data["cameras"][0]["segments"] >= 1:
                     return data
-            time.sleep(0.5)
+            time.sleep(0.5)  # polling another process's status socket: no event reaches us
         raise AssertionError("no segment recorded within 60 s")
 
     proc = start()

@@ -91,7 +91,7 @@ def _wait_recording(config: Path, proc: subprocess.Popen[str], count: int) -> di
         last = _status(config)
         if last and sum(1 for c in last["cameras"] if c["connected"]) >= count:
             return last
-        time.sleep(0.5)
+        time.sleep(0.5)  # polling another process's status socket: no event reaches us
     raise AssertionError(f"{count} cameras not recording within 90 s; last status: {last}")
 
 

@@ -75,6 +75,8 @@ class KeyframeFeed:
         self.stream_time: float | None = None  # seconds, from the packets' timestamps
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        #: notified on every keyframe and when the stream fails or ends
+        self.changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"feed-{self.camera_id}")
 
     def start(self) -> KeyframeFeed:
@@ -108,10 +110,15 @@ class KeyframeFeed:
                             ctx.width,
                             ctx.height,
                         )
-                        self.keyframes.append(sample)
-                        self.latest = sample
+                        with self.changed:
+                            self.keyframes.append(sample)
+                            self.latest = sample
+                            self.changed.notify_all()
         except Exception as exc:  # reported by the waiting test
             self.error = exc
+        finally:
+            with self.changed:
+                self.changed.notify_all()
 
 
 async def until(
@@ -288,12 +295,18 @@ class Recorded:
 
 
 def _wait_keyframes(feed: KeyframeFeed, count: int) -> list[KeyframeSample]:
-    deadline = time.monotonic() + 60
-    while len(feed.keyframes) < count:
+    """Wait (on the feed's condition, notified per keyframe) until `count` keyframes came."""
+    with feed.changed:
+        got = feed.changed.wait_for(
+            lambda: len(feed.keyframes) >= count or feed.error is not None
+            or not feed._thread.is_alive(),
+            timeout=60,
+        )  # fmt: skip
         assert feed.error is None, feed.error
-        assert time.monotonic() < deadline, f"{feed.camera_id}: fewer than {count} keyframes"
-        time.sleep(0.05)
-    return feed.keyframes[:count]
+        assert got and len(feed.keyframes) >= count, (
+            f"{feed.camera_id}: fewer than {count} keyframes"
+        )
+        return feed.keyframes[:count]
 
 
 @pytest.fixture(scope="module")
