@@ -68,7 +68,7 @@ class ManagedCamera:
     pump: asyncio.Task[None] | None = None
     down_since: float | None = None
     gap_starts: dict[int | None, float] = field(default_factory=dict)
-    reconnects: list[float] = field(default_factory=list)  # connect times, for reconnects_1h
+    reconnects: list[float] = field(default_factory=list)  # reconnect times, for reconnects_1h
 
     def stats(self) -> RecorderStats | None:
         return self.recorder.stats() if self.recorder is not None else None
@@ -182,9 +182,7 @@ class CameraManager:
     # -- enrolment ---------------------------------------------------------------------------
 
     def _credentials(self, host: str | None, port: int | None) -> tuple[str, str | None]:
-        creds = (
-            self.config.credentials_for(host, port) if host else self.config.credentials_for("", 0)
-        )
+        creds = self.config.credentials_for(host or "", port if host else 0)
         return creds.user, creds.password.reveal() if creds.password else None
 
     async def _query_and_enrol(self, host: str, port: int, source: str) -> bool:
@@ -354,8 +352,9 @@ class CameraManager:
         try:
             if ev.kind == "connected":
                 cam.state, cam.reason = "recording", None
-                now = time.time()
-                cam.reconnects = [t for t in cam.reconnects if t > now - 3600] + [now]
+                if cam.down_since is not None:  # back after a loss: a reconnect
+                    now = time.time()
+                    cam.reconnects = [t for t in cam.reconnects if t > now - 3600] + [now]
                 await self.emit(m.CameraUp, camera=cam.id, down_since=cam.down_since)
                 cam.down_since = None
             elif ev.kind == "disconnected":
