@@ -15,8 +15,9 @@ the work):
   (dedup, seq holes, camera state, outage ledger, counters), without MQTT;
 - **hub + MQTT**: the whole path through a private Mosquitto: the events are queued by the broker
   for the hub's persistent session while it is away (a raw paho publisher in another process),
-  then the hub connects and drains the backlog; timed from connect to the last commit. This
-  isolates the hub from the publisher's own speed.
+  then the hub connects (its receiver process, central_hub/mqtt_receiver.py) and drains the
+  backlog; timed from the start of the ingest to the last commit, every message acknowledged
+  after its commit. This isolates the hub from the publisher's own speed.
 
 Target (issue 6): ≥ 20,000 events/s on SQLite.
 """
