@@ -278,6 +278,15 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _between(0, 3600),
     ),
     _setting(
+        "ingest.gap_alert_delay_seconds",
+        "float",
+        30.0,
+        "A hole in a site's event numbers is alerted (seq_gap) only once it has stayed open "
+        "this long: hub instances of one share group receive a site's events in turn, so "
+        "holes that the next batch fills are normal.",
+        _between(1, 86400),
+    ),
+    _setting(
         "status.outage_image_faults",
         "string list",
         ["black", "covered", "moved"],
@@ -447,6 +456,7 @@ class IngestConfig:
     sites_refresh_s: float = 5.0
     future_tolerance_s: float = 60.0
     reject_log_interval_s: float = 10.0
+    gap_alert_delay_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -662,6 +672,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config"
             sites_refresh_s=get("ingest.sites_refresh_seconds"),
             future_tolerance_s=get("ingest.future_tolerance_seconds"),
             reject_log_interval_s=get("ingest.reject_log_interval_seconds"),
+            gap_alert_delay_s=get("ingest.gap_alert_delay_seconds"),
         ),
         status=StatusConfig(
             outage_image_faults=frozenset(get("status.outage_image_faults")),

@@ -514,12 +514,22 @@ class _SiteCache:
 
 
 class _Ranges:
-    """Missing-seq ranges of one (site, epoch), loaded on first use, diffed at flush."""
+    """Missing-seq ranges of one (site, epoch), loaded on first use, diffed at flush.
 
-    def __init__(self, rows: list[tuple[int, int]], detected: dict[int, float]) -> None:
+    `detected` and `alerted` are keyed by a range's first seq; the part a late event splits
+    off keeps both, so a hole already alerted is not alerted again for what is left of it.
+    """
+
+    def __init__(
+        self,
+        rows: list[tuple[int, int]],
+        detected: dict[int, float],
+        alerted: dict[int, float | None],
+    ) -> None:
         self.original = set(rows)
         self.ranges = sorted(rows)
         self.detected = detected
+        self.alerted = alerted
 
     def add(self, first: int, last: int, at: float) -> None:
         self.ranges.append((first, last))
@@ -533,6 +543,7 @@ class _Ranges:
                 self.ranges[i : i + 1] = parts
                 if parts and parts[-1][0] == seq + 1:
                     self.detected.setdefault(seq + 1, self.detected.get(first, at))
+                    self.alerted.setdefault(seq + 1, self.alerted.get(first))
                 return True
         return False
 
@@ -689,6 +700,7 @@ class _Batch:
             r = _Ranges(
                 [(x.first_seq, x.last_seq) for x in rows],
                 {x.first_seq: x.detected_at for x in rows},
+                {x.first_seq: x.alerted_at for x in rows},
             )
             self.ranges[key] = r
         return r
@@ -926,17 +938,8 @@ class _Batch:
                 n = last - first + 1
                 st["missing_events"] += n
                 self.result.missing_seqs += n
-                self._alert(
-                    "seq_gap",
-                    site_id,
-                    item.received_at,
-                    "warning",
-                    f"Thiếu {n} sự kiện từ điểm {site_id} (số {first}–{last})",
-                    f"{n} events missing from site {site_id} (seq {first}-{last})",
-                    first_seq=first,
-                    last_seq=last,
-                    epoch=epoch,
-                )
+                # Alerted by `GapAlerter` only if it lasts: hub instances of one share group
+                # get a site's events in turn, so a short-lived hole is normal there.
             st["max_seq"] = ev.seq
         self.result.stored_events += 1
         camera_id: str | None = getattr(ev, "camera", None)
@@ -1170,6 +1173,7 @@ class _Batch:
                         "first_seq": first,
                         "last_seq": last,
                         "detected_at": r.detected.get(first, time.time()),
+                        "alerted_at": r.alerted.get(first),
                     }
                 )
         if deletes:
@@ -1379,6 +1383,79 @@ def _outage_record(m: Any) -> OutageRecord:
 # --- the async side -------------------------------------------------------------------------
 
 
+class GapAlerter:
+    """Alerts (`seq_gap`) the holes in sites' event numbers that stayed open
+    `gap_alert_delay_s`, once each.
+
+    Not at detection: hub instances of one `$share` group receive a site's events in turn, so
+    one instance routinely commits seq 8 before another commits seq 7, and QoS 1 redelivery
+    after a reconnect reorders too. A hole the next batch fills is not news; one that lasts
+    is (an edge that lost its spool, a message dropped by a full broker queue). Claimed with
+    `UPDATE … WHERE alerted_at IS NULL`, so two hub instances never both alert one hole.
+    """
+
+    def __init__(
+        self, db: Database, directory: SiteDirectory, alerts: AlertHub, delay_s: float
+    ) -> None:
+        self.db = db
+        self.directory = directory
+        self.alerts = alerts
+        self.delay_s = delay_s
+
+    def due(self, now: float) -> list[Alert]:
+        """Claim the holes due now and return their alerts (call from a thread)."""
+        due_q = sa.select(missing_seq).where(
+            missing_seq.c.alerted_at.is_(None), missing_seq.c.detected_at <= now - self.delay_s
+        )
+        claim = (
+            missing_seq.update()
+            .where(
+                missing_seq.c.site_id == sa.bindparam("s"),
+                missing_seq.c.epoch == sa.bindparam("e"),
+                missing_seq.c.first_seq == sa.bindparam("f"),
+                missing_seq.c.alerted_at.is_(None),
+            )
+            .values(alerted_at=now)
+        )
+        out: list[Alert] = []
+        with self.db.engine.begin() as conn:
+            for r in conn.execute(due_q.limit(1000)).all():
+                params = {"s": r.site_id, "e": r.epoch, "f": r.first_seq}
+                if conn.execute(claim, params).rowcount != 1:
+                    continue  # another hub instance claimed it, or a batch just filled it
+                entry = self.directory.get(r.site_id)
+                n = r.last_seq - r.first_seq + 1
+                sid = r.site_id
+                out.append(
+                    make_alert(
+                        "seq_gap",
+                        at=r.detected_at,
+                        severity="warning",
+                        site=entry.attrs if entry is not None else None,
+                        site_name=(entry.name if entry is not None else "") or sid,
+                        text_vi=f"Thiếu {n} sự kiện từ điểm {sid} (số {r.first_seq}–{r.last_seq})",
+                        text_en=f"{n} events missing from site {sid} "
+                        f"(seq {r.first_seq}-{r.last_seq})",
+                        first_seq=r.first_seq,
+                        last_seq=r.last_seq,
+                        epoch=r.epoch,
+                    )
+                )
+        return out
+
+    async def run(self) -> None:
+        interval = min(5.0, self.delay_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                found = await asyncio.to_thread(self.due, time.time())
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("could not check for lasting seq holes: %s", _first_line(exc))
+                continue
+            if found:
+                self.alerts.publish_many(found)
+
+
 class _Received(NamedTuple):
     """One message in the pending batch: what to write (None for a reject) and how to ack."""
 
@@ -1495,8 +1572,15 @@ class Ingest:
     async def run(self) -> None:
         """Run until `stop()`: reconnects to the broker with backoff, never gives up."""
         await asyncio.to_thread(self.directory.refresh)
-        writer = asyncio.get_running_loop().create_task(self._writer_loop(), name="ingest-writer")
-        refresher = asyncio.get_running_loop().create_task(self._refresh_loop(), name="sites")
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(self._writer_loop(), name="ingest-writer")
+        refresher = loop.create_task(self._refresh_loop(), name="sites")
+        gaps = None
+        if self.alerts is not None:
+            alerter = GapAlerter(
+                self.db, self.directory, self.alerts, self.config.gap_alert_delay_s
+            )
+            gaps = loop.create_task(alerter.run(), name="seq-gap-alerts")
         backoff = 1.0
         try:
             while not self._stopping.is_set():
@@ -1510,6 +1594,10 @@ class Ingest:
                         await asyncio.wait_for(self._stopping.wait(), backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
+            if gaps is not None:
+                gaps.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gaps
             refresher.cancel()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):

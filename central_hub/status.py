@@ -220,6 +220,9 @@ missing_seq = sa.Table(
     sa.Column("first_seq", sa.BigInteger, primary_key=True),
     sa.Column("last_seq", sa.BigInteger, nullable=False),
     sa.Column("detected_at", sa.Float, nullable=False),
+    # When the hole was alerted (`seq_gap`); None until it has stayed open for
+    # `ingest.gap_alert_delay_seconds` (central_hub.ingest.GapAlerter).
+    sa.Column("alerted_at", sa.Float, nullable=True),
 )
 
 outages = sa.Table(
@@ -325,6 +328,14 @@ STATUS_TABLES: Final = (
 @migration("status", 1, "site and camera state, events, missing seq, outages, tickets")
 def _v1(conn: Connection) -> None:
     metadata.create_all(conn, tables=list(STATUS_TABLES))
+
+
+@migration("status", 2, "missing_seq.alerted_at: holes are alerted once they have lasted")
+def _v2(conn: Connection) -> None:
+    # v1 creates the table as declared now; this adds the column to databases made before.
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("missing_seq")}
+    if "alerted_at" not in columns:
+        conn.execute(sa.text("ALTER TABLE missing_seq ADD COLUMN alerted_at FLOAT"))
 
 
 def prune_events(conn: Connection, *, now: float, chain_head_days: float, event_days: float) -> int:

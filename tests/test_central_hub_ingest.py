@@ -34,10 +34,17 @@ from central_hub.hub_config import (
     load_config,
     settings_markdown,
 )
-from central_hub.ingest import Ingest
+from central_hub.ingest import GapAlerter, Ingest
 from central_hub.sites import sites
 from central_hub.sites_cli import enroll_site, set_site_enabled, sites_group
-from central_hub.status import camera_health, camera_thumbnails, cameras, events, outages
+from central_hub.status import (
+    camera_health,
+    camera_thumbnails,
+    cameras,
+    events,
+    missing_seq,
+    outages,
+)
 from devstack.broker import Mosquitto
 from devstack.waiting import until
 from sitelink.messages import (
@@ -373,6 +380,49 @@ async def test_a_hole_in_seq_is_recorded_and_filled_by_the_late_event(
         await ingest.wait_idle()
         assert site_row(hub_db, "dn-bv-01")["missing_events"] == 0  # type: ignore[index]
         assert ingest.counters.missing_seqs == 3 and ingest.counters.late_events == 3
+
+
+async def test_a_hole_is_alerted_once_and_only_if_it_lasts(
+    hub_db: Database, mosquitto: Mosquitto
+) -> None:
+    alerts = AlertHub()
+    seen = alerts.subscribe(lambda a: a["type"] == "seq_gap")
+    ingest = Ingest(
+        hub_db,
+        mqtt_config(mosquitto),
+        IngestConfig(batch_max_delay_s=0.02, gap_alert_delay_s=1.0),
+        alerts=alerts,
+    )
+    async with ingest, edge(mosquitto, "dn-bv-01") as e:
+        t0 = time.time() - 50
+        await e.birth(ts=t0)
+        await e.send(CameraDown(ts=t0 + 1, seq=1, camera="cam-1", cause="timeout"))
+        await e.send(CameraUp(ts=t0 + 9, seq=5, camera="cam-1"))  # 2..4 missing
+        await until(lambda: ingest.counters.missing_seqs == 3, what="hole 2-4 recorded")
+        # A lasting hole: alerted by the running ingest, once.
+        alert = await asyncio.wait_for(anext(seen), 10)
+        assert (alert["first_seq"], alert["last_seq"], alert["site_id"]) == (2, 4, "dn-bv-01")
+        assert "3" in alert["text_vi"] and "3 events missing" in alert["text_en"]
+        # Part of it filled late: what is left was alerted already, not news again.
+        await e.send(CameraUp(ts=t0 + 3, seq=3, camera="cam-9"))
+        await until(lambda: ingest.counters.late_events == 1, what="seq 3 filled in")
+        await ingest.wait_idle()
+        alerter = GapAlerter(hub_db, ingest.directory, alerts, delay_s=1.0)
+        assert alerter.due(time.time() + 3600) == []
+        # A new hole that the next message fills is never alerted...
+        await e.send(CameraDown(ts=t0 + 20, seq=7, camera="cam-2", cause="eof"))
+        await until(lambda: ingest.counters.missing_seqs == 4, what="hole 6 recorded")
+        await ingest.wait_idle()
+        with hub_db.engine.connect() as conn:
+            detected = conn.execute(
+                sa.select(missing_seq.c.detected_at).where(missing_seq.c.first_seq == 6)
+            ).scalar_one()
+        assert alerter.due(detected + 0.5) == []  # not yet due
+        await e.send(CameraDown(ts=t0 + 19, seq=6, camera="cam-3", cause="eof"))
+        await until(lambda: ingest.counters.late_events == 2, what="seq 6 filled in")
+        await ingest.wait_idle()
+        assert alerter.due(detected + 3600) == []
+    assert seen.pending() == 0
 
 
 async def test_a_stale_death_is_ignored(hub_db: Database, mosquitto: Mosquitto) -> None:
