@@ -404,6 +404,12 @@ async def _child_main(out_fd: int, in_fd: int) -> int:
     out.write(encode_frame(("up",)))
 
     stopping = False
+    fetch_lock = asyncio.Lock()
+    fetches: set[asyncio.Task[None]] = set()
+
+    async def fetch(filters: list[str]) -> None:
+        async with fetch_lock:  # one plain subscription at a time: one SUBACK to wait for
+            await _fetch_retained(client, child, filters)
 
     async def commands() -> None:
         nonlocal stopping
@@ -417,7 +423,10 @@ async def _child_main(out_fd: int, in_fd: int) -> int:
             if tag == "ack":
                 child.ack(frame[1])
             elif tag == "fetch_retained":
-                await _fetch_retained(client, child, frame[1])
+                # In the background: acknowledgements must not wait for a SUBACK.
+                task = asyncio.ensure_future(fetch(frame[1]))
+                fetches.add(task)
+                task.add_done_callback(fetches.discard)
             elif tag == "stop":
                 stopping = True
                 return
