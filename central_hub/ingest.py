@@ -155,6 +155,8 @@ class IngestCounters:
     batches: int = 0
     batch_seconds: float = 0.0
     db_retries: int = 0
+    #: MQTT connections made (subscribed); more than one means the connection was lost.
+    connections: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """A copy safe to hand to another thread or serialise."""
@@ -172,6 +174,7 @@ class IngestCounters:
             "batches": self.batches,
             "batch_seconds": self.batch_seconds,
             "db_retries": self.db_retries,
+            "connections": self.connections,
         }
 
     @property
@@ -211,6 +214,7 @@ class IngestCollector:
             ("batches", c.batches, "Batches written"),
             ("batch_seconds", c.batch_seconds, "Seconds spent writing batches"),
             ("db_retries", c.db_retries, "Batches retried after a database error"),
+            ("connections", c.connections, "MQTT connections made (subscribed)"),
         ):
             yield CounterMetricFamily(f"isocam_hub_ingest_{name}", doc, value=value)
 
@@ -1629,6 +1633,7 @@ class Ingest:
 
         def on_up() -> None:
             self._generation = generation
+            self.counters.connections += 1
             log.info(
                 "ingest subscribed to %s as %s (share group %s)",
                 f"{self.mqtt.host}:{self.mqtt.port}",

@@ -98,6 +98,7 @@ async def test_a_killed_receiver_is_replaced_and_nothing_is_lost(
     # What the killed receiver had passed on but not acknowledged came again: dropped as
     # duplicates by the (site, seq) key, never stored twice.
     assert ingest.counters.stored_events == 600
+    assert ingest.counters.connections == 2
     assert ingest.counters.missing_seqs == ingest.counters.late_events
 
 
@@ -143,6 +144,7 @@ async def test_a_broker_restart_is_survived(db: Database, mosquitto: Mosquitto) 
             await send_heads(e, 20)
             await until(lambda: ingest.counters.stored_events == 40, what="40 stored")
     assert stored_seqs(db) == list(range(1, 41))
+    assert ingest.counters.connections == 2
 
 
 _HUB = textwrap.dedent(
