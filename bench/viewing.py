@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import itertools
 import json
@@ -51,27 +50,16 @@ THIS = str(Path(__file__).resolve())
 REPO = Path(THIS).parent.parent
 sys.path.insert(0, str(REPO))
 
-SITE = "bench-site"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _ms(values: list[float]) -> str:
-    if not values:
-        return "– | – | – | 0"
-    return (
-        f"{statistics.median(values) * 1000:.1f} | {_pct(values, 0.95) * 1000:.1f} | "
-        f"{max(values) * 1000:.1f} | {len(values)}"
-    )
+from bench._tunnel_rig import (  # noqa: E402
+    SITE,
+    EdgeProcess,
+    add_load_args,
+    cpu_seconds,
+    ms,
+    report,
+    start_cameras,
+    stop_cameras,
+)
 
 
 def _first_frame(data: bytes) -> None:
@@ -79,78 +67,6 @@ def _first_frame(data: bytes) -> None:
 
     with av.open(io.BytesIO(data)) as container:
         next(container.decode(video=0))
-
-
-# --------------------------------------------------------------------------------------------
-# The edge process
-
-
-class _Box:
-    def __init__(self, device_key: Any, store: Any, recorders: dict[str, Any]) -> None:
-        self.site_id = SITE
-        self.device_key = device_key
-        self.segment_store = store
-        self.recorders = recorders
-
-    def live_tap(self, camera: str) -> Any:
-        rec = self.recorders.get(camera)
-        return rec.tap if rec is not None else None
-
-    def snapshot(self, camera: str) -> bytes | None:
-        return None
-
-
-async def _edge_worker(args: argparse.Namespace) -> None:
-    from edge_agent.device_key import load_or_create_device_key, public_key_pem
-    from edge_agent.recorder import CameraRecorder, RecorderConfig
-    from edge_agent.segment_store import SegmentStore
-    from edge_agent.tunnel import connect_tunnel
-    from sitelink.messages import OpenTunnelArgs
-    from sitelink.sealed_segment import load_public_key
-
-    data = Path(args.data)
-    os.makedirs(data, exist_ok=True)
-    key = load_or_create_device_key(data / "device_key.pem")
-    store = SegmentStore(data, key, SITE)
-    recipient = load_public_key(args.recipient)
-    config = RecorderConfig(segment_seconds=args.segment_seconds)
-    cams = json.loads(args.cameras_json)
-    recorders = {
-        c["id"]: CameraRecorder(c["id"], c["url"], store, [recipient], config) for c in cams
-    }
-    tasks = [asyncio.create_task(r.run()) for r in recorders.values()]
-
-    def emit(obj: dict[str, Any]) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    async def direct(camera: str, rec: Any) -> None:
-        last = 0
-        while True:
-            fragments = await rec.tap.wait(last)
-            now = time.time()
-            for f in fragments:
-                if f.seq > last:
-                    emit({"d": camera, "w": f.wall, "t": now})
-                    last = f.seq
-
-    for rec in recorders.values():
-        await rec.tap.wait(0)
-    consumers = [asyncio.create_task(direct(cid, rec)) for cid, rec in recorders.items()]
-    emit({"ready": public_key_pem(key)})
-    box = _Box(key, store, recorders)
-    serving: list[asyncio.Task[None]] = []
-    loop = asyncio.get_running_loop()
-    while line := await loop.run_in_executor(None, sys.stdin.readline):
-        command = OpenTunnelArgs.model_validate_json(line)
-        tunnel = await connect_tunnel(command, box)
-        serving.append(asyncio.create_task(tunnel.serve(idle_seconds=60)))
-    for task in [*consumers, *serving]:
-        task.cancel()
-    await asyncio.gather(*consumers, *serving, return_exceptions=True)
-    await asyncio.gather(*(r.stop() for r in recorders.values()))
-    await asyncio.gather(*tasks)
-    store.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,55 +181,18 @@ async def _main(args: argparse.Namespace) -> str:
     from central_hub.viewing import VIEWING, open_in_memory, setup_viewing
     from central_hub.web_auth import AUTH, setup_auth
     from devstack.ports import free_port
-    from edge_agent.device_key import load_public_key_pem
     from edge_agent.segment_store import SegmentStore
-    from simulator.camera import StreamProfile, VirtualCamera
-    from simulator.rtsp import RtspService
-    from sitelink.messages import OpenTunnel
     from sitelink.sealed_segment import generate_private_key, write_public_key
 
     work = Path(tempfile.mkdtemp(prefix="bench-viewing-"))
-    svc = RtspService()
-    await svc.start()
-    cams = [
-        VirtualCamera(index=i + 1, id=f"bench-{i + 1:02d}", name="Bench", host="127.0.0.1",
-                      onvif_port=0, rtsp_port=0, user="admin", password="bench",
-                      profiles=(StreamProfile("main", 1280, 720, args.kbps, codec="H264"),))
-        for i in range(args.cameras)
-    ]  # fmt: skip
-    await svc.prepare(cams)
-    for cam in cams:
-        await svc.add_camera(cam)
+    svc, cams = await start_cameras(args.cameras, args.kbps)
     viewing_key = generate_private_key()
     write_public_key(viewing_key.public_key(), work / "viewing.pub")
-    urls = [(c.id, c.rtsp_url("main").replace("rtsp://", "rtsp://admin:bench@")) for c in cams]
-    cam_json = json.dumps([{"id": cid, "url": url} for cid, url in urls])
-    direct: list[dict[str, Any]] = []
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    edge = await asyncio.create_subprocess_exec(
-        sys.executable, THIS, "--edge-worker", "--data", str(work / "edge"),
-        "--recipient", str(work / "viewing.pub"), "--cameras-json", cam_json,
-        "--segment-seconds", str(args.segment_seconds),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO,
-    )  # fmt: skip
-    assert edge.stdin is not None and edge.stdout is not None
-    edge_in, edge_out = edge.stdin, edge.stdout
-    measuring = {"on": False}
-
-    async def read_edge() -> None:
-        while line := await edge_out.readline():
-            msg = json.loads(line)
-            if "d" in msg and measuring["on"]:
-                direct.append(msg)
-            elif "ready" in msg:
-                ready.set_result(msg["ready"])
-
-    edge_reader = asyncio.create_task(read_edge())
-    device_key = load_public_key_pem(await asyncio.wait_for(ready, 180))
-
-    async def send_command(site: str, command: OpenTunnel) -> None:  # the MQTT hop, by pipe
-        edge_in.write(command.args.model_dump_json().encode() + b"\n")
-        await edge_in.drain()
+    edge = await EdgeProcess.start(
+        work / "edge", cams, work / "viewing.pub", "--segment-seconds", str(args.segment_seconds)
+    )
+    device_key = await edge.device_key(180)
+    measuring = {"on": False}  # hub_direct below; the edge's own flag follows it
 
     db = Database.connect(f"sqlite:///{work / 'hub.db'}")
     db.migrate()
@@ -323,7 +202,8 @@ async def _main(args: argparse.Namespace) -> str:
                      enrolled_at=time.time()))  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    broker = TunnelBroker(hub_url=f"ws://127.0.0.1:{port}/edge/tunnel", send_command=send_command,
+    broker = TunnelBroker(hub_url=f"ws://127.0.0.1:{port}/edge/tunnel",
+                          send_command=edge.send_command,
                           device_key_for=lambda s: device_key if s == SITE else None)  # fmt: skip
     app = web.Application()
     setup_auth(app, db, AuthConfig(argon2_memory_kib=19456, argon2_time_cost=2,
@@ -372,15 +252,15 @@ async def _main(args: argparse.Namespace) -> str:
     )  # fmt: skip
     assert viewers.stdout is not None
     await asyncio.sleep(args.warmup)
-    measuring["on"] = True
+    measuring["on"] = edge.measuring = True
     window = (time.time(), time.time() + args.seconds)
-    h0, e0, t0 = _cpu_seconds(os.getpid()), _cpu_seconds(edge.pid), time.monotonic()
+    h0, e0, t0 = cpu_seconds(os.getpid()), cpu_seconds(edge.pid), time.monotonic()
     viewer_lines = (await viewers.stdout.read()).decode().splitlines()
     await viewers.wait()
     elapsed = time.monotonic() - t0
-    hub_cpu = (_cpu_seconds(os.getpid()) - h0) / elapsed * 100
-    edge_cpu = (_cpu_seconds(edge.pid) - e0) / elapsed * 100
-    measuring["on"] = False
+    hub_cpu = (cpu_seconds(os.getpid()) - h0) / elapsed * 100
+    edge_cpu = (cpu_seconds(edge.pid) - e0) / elapsed * 100
+    measuring["on"] = edge.measuring = False
     stats_live = broker.stats()
     stop.set()
     for task in consumers:
@@ -392,7 +272,7 @@ async def _main(args: argparse.Namespace) -> str:
     frags = [a for a in arrivals if "s" in a and window[0] <= a["t"] <= window[1]]
     viewer_lat = [a["t"] - a["w"] for a in frags]
     hub_lat = [t - w for (c, w), t in hub_direct.items() if window[0] <= t <= window[1]]
-    edge_lat = [m["t"] - m["w"] for m in direct if window[0] <= m["t"] <= window[1]]
+    edge_lat = [m["t"] - m["w"] for m in edge.direct if window[0] <= m["t"] <= window[1]]
     layer = [a["t"] - hub_direct[(a["c"], a["w"])] for a in frags if (a["c"], a["w"]) in hub_direct]
     per_viewer: dict[int, list[int]] = {}
     for a in arrivals:
@@ -476,14 +356,10 @@ async def _main(args: argparse.Namespace) -> str:
                 cam0, ranges, min(args.seconds, 20.0), work, drop_cache,
             )  # fmt: skip
 
-    edge_in.close()
-    await asyncio.wait_for(edge.wait(), 60)
-    await edge_reader
+    await edge.stop()
     await broker.close()
     await runner.cleanup()
-    for cam in cams:
-        await svc.remove_camera(cam)
-    await svc.close()
+    await stop_cameras(svc, cams)
     db.close()
     shutil.rmtree(work, ignore_errors=True)
 
@@ -500,12 +376,12 @@ async def _main(args: argparse.Namespace) -> str:
         "",
         "| live latency (ms) | median | p95 | max | samples |",
         "|---|---|---|---|---|",
-        f"| baseline 1: wall → direct consumer of the LiveTap at the edge | {_ms(edge_lat)} |",
-        f"| baseline 2: wall → `broker.live` in the hub (tunnel alone, no HTTP) | {_ms(hub_lat)} |",
-        f"| wall → viewer through the web layer (auth, relay over WebSocket) | {_ms(viewer_lat)} |",
-        f"| the web layer's own delay (viewer − baseline 2, same fragment) | {_ms(layer)} |",
+        f"| baseline 1: wall → direct consumer of the LiveTap at the edge | {ms(edge_lat)} |",
+        f"| baseline 2: wall → `broker.live` in the hub (tunnel alone, no HTTP) | {ms(hub_lat)} |",
+        f"| wall → viewer through the web layer (auth, relay over WebSocket) | {ms(viewer_lat)} |",
+        f"| the web layer's own delay (viewer − baseline 2, same fragment) | {ms(layer)} |",
         f"| **camera → screen in Chromium** (wall of the frame shown → now, MSE) | "
-        f"{_ms(browser['latency'])} |",
+        f"{ms(browser['latency'])} |",
         "",
         "| live throughput and loss | value |",
         "|---|---|",
@@ -523,44 +399,29 @@ async def _main(args: argparse.Namespace) -> str:
         "cache cold | median | p95 | max | samples |",
         "|---|---|---|---|---|",
         f"| baseline: read the sealed file at the edge + open in memory + decode | "
-        f"{_ms(ttff_file)} |",
-        f"| tunnel alone: `broker.fetch_segment` + open in memory + decode | {_ms(ttff_tunnel)} |",
-        f"| web layer: playback socket (auth, listing) + segment GET + decode | {_ms(ttff_hub)} |",
+        f"{ms(ttff_file)} |",
+        f"| tunnel alone: `broker.fetch_segment` + open in memory + decode | {ms(ttff_tunnel)} |",
+        f"| web layer: playback socket (auth, listing) + segment GET + decode | {ms(ttff_hub)} |",
         f"| **Chromium**: page load → first frame shown (logged in; cache cold) | "
-        f"{_ms(browser['ttff'])} |",
+        f"{ms(browser['ttff'])} |",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--cameras", type=int, default=8)
-    p.add_argument("--viewers", type=int, default=20)
-    p.add_argument("--seconds", type=float, default=30.0, help="measured live time")
-    p.add_argument("--warmup", type=float, default=5.0)
-    p.add_argument("--kbps", type=int, default=2000, help="camera bit rate")
+    add_load_args(p, seconds_help="measured live time")
     p.add_argument("--segment-seconds", type=float, default=60.0)
     p.add_argument("--no-browser", dest="browser", action="store_false",
                    help="skip the Chromium measurements")  # fmt: skip
     p.add_argument("--output", help="also write the markdown to this file")
-    p.add_argument("--edge-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--viewer-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--viewer-json", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--recipient", help=argparse.SUPPRESS)
-    p.add_argument("--cameras-json", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.edge_worker:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_edge_worker(args))
-        return
     if args.viewer_worker:
         asyncio.run(_viewer_worker(args))
         return
-    text = asyncio.run(_main(args))
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    report(asyncio.run(_main(args)), args.output)
 
 
 if __name__ == "__main__":

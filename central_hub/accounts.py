@@ -60,6 +60,21 @@ log = logging.getLogger(__name__)
 # --- tables -----------------------------------------------------------------------------------
 
 
+# The attributes of a scope besides its kind (policy.Scope), stored one column each.
+_SCOPE_FIELDS = ("operator", "province", "district", "authority", "site_kind", "site_id")
+# The text fields of the official form, stored as they are in `registrations`.
+_FORM_TEXT_FIELDS = ("full_name", "title", "unit", "phone", "email", "role", "purpose")
+# What a stored request records about its way through the workflow (Registration).
+_DECISION_FIELDS = (
+    "proposed_by",
+    "proposed_at",
+    "decided_by",
+    "decided_at",
+    "decision_note",
+    "user_id",
+)
+
+
 def _scope_columns(prefix: str = "") -> list[sa.Column[Any]]:
     return [
         sa.Column(f"{prefix}scope_kind", sa.String(24), nullable=False),
@@ -493,28 +508,20 @@ def _hash_token(token: str) -> str:
 
 
 def _scope_values(scope: Scope) -> dict[str, Any]:
-    return {
-        "scope_kind": scope.kind,
-        "operator": scope.operator,
-        "province": scope.province,
-        "district": scope.district,
-        "authority": scope.authority,
-        "site_kind": scope.site_kind,
-        "site_id": scope.site_id,
-    }
+    return {"scope_kind": scope.kind, **{name: getattr(scope, name) for name in _SCOPE_FIELDS}}
 
 
 def _scope_from(m: Mapping[Any, Any]) -> Scope:
     kind: ScopeKind = m["scope_kind"]
-    return Scope(
-        kind,
-        operator=m["operator"],
-        province=m["province"],
-        district=m["district"],
-        authority=m["authority"],
-        site_kind=m["site_kind"],
-        site_id=m["site_id"],
-    )
+    return Scope(kind, **{name: m[name] for name in _SCOPE_FIELDS})
+
+
+def _form_values(form: RegistrationForm) -> dict[str, Any]:
+    return {name: getattr(form, name) for name in _FORM_TEXT_FIELDS} | _scope_values(form.scope)
+
+
+def _form_from(m: Mapping[Any, Any]) -> RegistrationForm:
+    return RegistrationForm(scope=_scope_from(m), **{name: m[name] for name in _FORM_TEXT_FIELDS})
 
 
 def _grant_from(m: Mapping[Any, Any]) -> Grant:
@@ -788,19 +795,9 @@ class AccountStore:
             full_name = clean_text(full_name, limit=200)
         except ValueError as exc:
             raise AccountError(str(exc), f"invalid input: {exc}") from None
-        self.check_password_policy(password, email)
-        pw_hash = self._hash_password(password)
-        with self.db.engine.begin() as conn:
-            user_id = self._insert_user(
-                conn,
-                email=email,
-                full_name=full_name,
-                created_by=actor.label,
-                password_hash=pw_hash,
-            )
-            self._audit(conn, "user_created", actor, detail={"user_id": user_id, "email": email})
-            self._insert_grant(conn, actor, user_id, "superadmin", Scope.nation(), None)
-        return user_id
+        return self._create_activated(
+            actor, email, full_name, password, "superadmin", Scope.nation(), None
+        )
 
     def create_user(
         self,
@@ -822,6 +819,34 @@ class AccountStore:
         if actor.principal is not None:
             raise AccountError("out_of_scope", "web accounts are created by registration only")
         email = normalise_email(email)
+        return self._create_activated(
+            actor,
+            email,
+            full_name,
+            password,
+            role,
+            scope,
+            expires_at,
+            title=title,
+            unit=unit,
+            phone=phone,
+        )
+
+    def _create_activated(
+        self,
+        actor: _Actor,
+        email: str,
+        full_name: str,
+        password: str,
+        role: str,
+        scope: Scope,
+        expires_at: float | None,
+        *,
+        title: str = "",
+        unit: str = "",
+        phone: str = "",
+    ) -> int:
+        """An account with a password set and one grant (the console's way, no workflow)."""
         self.check_password_policy(password, email)
         pw_hash = self._hash_password(password)
         with self.db.engine.begin() as conn:
@@ -829,10 +854,10 @@ class AccountStore:
                 conn,
                 email=email,
                 full_name=clean_text(full_name, limit=200),
+                created_by=actor.label,
                 title=title,
                 unit=unit,
                 phone=phone,
-                created_by=actor.label,
                 password_hash=pw_hash,
             )
             self._audit(conn, "user_created", actor, detail={"user_id": user_id, "email": email})
@@ -996,16 +1021,7 @@ class AccountStore:
             errors["scope"] = "scope_invalid"
         if errors or scope is None:
             raise FormInvalid(errors)
-        return RegistrationForm(
-            full_name=values["full_name"],
-            title=values["title"],
-            unit=values["unit"],
-            phone=phone,
-            email=email,
-            role=role,
-            scope=scope,
-            purpose=values["purpose"],
-        )
+        return RegistrationForm(phone=phone, email=email, role=role, scope=scope, **values)
 
     def submit_registration(self, form: RegistrationForm, source: str | None) -> int:
         """Store a request (state ``submitted``). Refused when the address already has an
@@ -1024,17 +1040,7 @@ class AccountStore:
                 raise AccountError("pending_exists", "a request for this e-mail is pending")
             result = conn.execute(
                 registrations.insert().values(
-                    state="submitted",
-                    full_name=form.full_name,
-                    title=form.title,
-                    unit=form.unit,
-                    phone=form.phone,
-                    email=form.email,
-                    role=form.role,
-                    **_scope_values(form.scope),
-                    purpose=form.purpose,
-                    submitted_at=now,
-                    source=source,
+                    state="submitted", **_form_values(form), submitted_at=now, source=source
                 )
             )
             assert result.inserted_primary_key is not None
@@ -1053,23 +1059,9 @@ class AccountStore:
         return Registration(
             request_id=int(m["request_id"]),
             state=m["state"],
-            form=RegistrationForm(
-                full_name=m["full_name"],
-                title=m["title"],
-                unit=m["unit"],
-                phone=m["phone"],
-                email=m["email"],
-                role=m["role"],
-                scope=_scope_from(m),
-                purpose=m["purpose"],
-            ),
+            form=_form_from(m),
             submitted_at=m["submitted_at"],
-            proposed_by=m["proposed_by"],
-            proposed_at=m["proposed_at"],
-            decided_by=m["decided_by"],
-            decided_at=m["decided_at"],
-            decision_note=m["decision_note"],
-            user_id=m["user_id"],
+            **{name: m[name] for name in _DECISION_FIELDS},
         )
 
     def get_registration(self, request_id: int) -> Registration | None:
@@ -1146,8 +1138,6 @@ class AccountStore:
         if actor.principal is None:
             raise AccountError("admin_required", "a request is approved by an account admin")
         now = self.clock()
-        token = secrets.token_urlsafe(32)
-        expires_at = now + self.config.activation_ttl_seconds
         with self.db.engine.begin() as conn:
             reg = self._load_for_decision(conn, request_id, actor, ("proposed",))
             if reg.proposed_by == actor.principal.user_id:
@@ -1173,14 +1163,7 @@ class AccountStore:
             )
             self._audit(conn, "user_created", actor, detail={"user_id": user_id, "email": f.email})
             self._insert_grant(conn, actor, user_id, f.role, f.scope, None)
-            conn.execute(
-                activation_tokens.insert().values(
-                    token_hash=_hash_token(token),
-                    user_id=user_id,
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
+            activation = self._insert_activation(conn, user_id, now)
             conn.execute(
                 registrations.update()
                 .where(registrations.c.request_id == request_id)
@@ -1196,7 +1179,7 @@ class AccountStore:
                     "proposed_by": reg.proposed_by,
                 },
             )
-        return Activation(user_id, token, expires_at)
+        return activation
 
     def reject(self, request_id: int, actor: _Actor, note: str) -> None:
         """Refuse a request; the record stays with the reason."""
@@ -1229,7 +1212,6 @@ class AccountStore:
         """A new activation token for an account not yet activated (the first one expired);
         earlier tokens stop working."""
         now = self.clock()
-        token = secrets.token_urlsafe(32)
         with self.db.engine.begin() as conn:
             row = self._user_row(conn, user_id)
             if row is None or row.password_hash is not None:
@@ -1242,16 +1224,23 @@ class AccountStore:
                 )
                 .values(used_at=now)
             )
-            expires_at = now + self.config.activation_ttl_seconds
-            conn.execute(
-                activation_tokens.insert().values(
-                    token_hash=_hash_token(token),
-                    user_id=user_id,
-                    created_at=now,
-                    expires_at=expires_at,
-                )
-            )
+            activation = self._insert_activation(conn, user_id, now)
             self._audit(conn, "activation_reissued", actor, detail={"user_id": user_id})
+        return activation
+
+    def _insert_activation(self, conn: Connection, user_id: int, now: float) -> Activation:
+        """A fresh one-time activation token for `user_id` (stored hashed, valid for
+        ``activation_ttl_seconds``)."""
+        token = secrets.token_urlsafe(32)
+        expires_at = now + self.config.activation_ttl_seconds
+        conn.execute(
+            activation_tokens.insert().values(
+                token_hash=_hash_token(token),
+                user_id=user_id,
+                created_at=now,
+                expires_at=expires_at,
+            )
+        )
         return Activation(user_id, token, expires_at)
 
     # --- activation -------------------------------------------------------------------------
@@ -1415,24 +1404,7 @@ class AccountStore:
                 if row is not None and reason == "bad_password":
                     locked = self._fail(conn, int(row.user_id))
                 user_id = None if row is None else int(row.user_id)
-                self.audit.append(
-                    conn,
-                    "login_failed",
-                    user=user_id,
-                    actor=email,
-                    source=source,
-                    allowed=False,
-                    reason=reason,
-                )
-                if locked:
-                    self.audit.append(
-                        conn,
-                        "account_locked",
-                        user=user_id,
-                        actor=email,
-                        source=source,
-                        reason=f"{self.config.lockout_threshold} failed attempts",
-                    )
+                self._audit_login_failed(conn, user_id, email, source, reason, locked=locked)
             return LoginOutcome(False, reason=reason)
         assert row is not None
         user_id = int(row.user_id)
@@ -1448,6 +1420,36 @@ class AccountStore:
             return LoginOutcome(True, user_id=user_id, stage=stage)
         self.login_succeeded(user_id, source, mfa=False)
         return LoginOutcome(True, user_id=user_id, stage="full")
+
+    def _audit_login_failed(
+        self,
+        conn: Connection,
+        user_id: int | None,
+        email: str,
+        source: str | None,
+        reason: str,
+        *,
+        locked: bool,
+    ) -> None:
+        """Record a failed login step and, when this failure `locked` the account, the lock."""
+        self.audit.append(
+            conn,
+            "login_failed",
+            user=user_id,
+            actor=email,
+            source=source,
+            allowed=False,
+            reason=reason,
+        )
+        if locked:
+            self.audit.append(
+                conn,
+                "account_locked",
+                user=user_id,
+                actor=email,
+                source=source,
+                reason=f"{self.config.lockout_threshold} failed attempts",
+            )
 
     def login_succeeded(self, user_id: int, source: str | None, *, mfa: bool) -> None:
         """Reset the failure count and record the login (called when the last factor passed)."""
@@ -1543,24 +1545,14 @@ class AccountStore:
             )
             if step is None:
                 locked = locked_now or self._fail(conn, user_id)
-                self.audit.append(
+                self._audit_login_failed(
                     conn,
-                    "login_failed",
-                    user=user_id,
-                    actor=row.email,
-                    source=source,
-                    allowed=False,
-                    reason="locked" if locked_now else "bad_totp",
+                    user_id,
+                    row.email,
+                    source,
+                    "locked" if locked_now else "bad_totp",
+                    locked=locked and not locked_now,
                 )
-                if locked and not locked_now:
-                    self.audit.append(
-                        conn,
-                        "account_locked",
-                        user=user_id,
-                        actor=row.email,
-                        source=source,
-                        reason=f"{self.config.lockout_threshold} failed attempts",
-                    )
                 return False
             conn.execute(
                 users.update().where(users.c.user_id == user_id).values(totp_last_step=step)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypedDict, Unpack
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -212,6 +212,21 @@ def parse_anchors(lines: Iterable[str]) -> list[tuple[int, str]]:
     return found
 
 
+class RowFields(TypedDict, total=False):
+    """The fields of a row a caller may give, as :meth:`AuditLog.append` takes them (mypy
+    checks that they stay the same)."""
+
+    user: Principal | int | None
+    actor: str | None
+    source: str | None
+    site: SiteAttrs | str | None
+    camera: str | None
+    time_range: tuple[float, float] | None
+    allowed: bool | None
+    reason: str | None
+    detail: Mapping[str, Any] | None
+
+
 class AuditLog:
     """Writer, verifier and reader of the audit chain. Thread-safe; all methods block (call
     them from a worker thread in async code)."""
@@ -303,36 +318,11 @@ class AuditLog:
         )
         return AuditRow(**fields)
 
-    def record(
-        self,
-        action: str,
-        *,
-        user: Principal | int | None = None,
-        actor: str | None = None,
-        source: str | None = None,
-        site: SiteAttrs | str | None = None,
-        camera: str | None = None,
-        time_range: tuple[float, float] | None = None,
-        allowed: bool | None = None,
-        reason: str | None = None,
-        detail: Mapping[str, Any] | None = None,
-    ) -> AuditRow:
+    def record(self, action: str, **fields: Unpack[RowFields]) -> AuditRow:
         """Append one row in its own transaction (see :meth:`append` for the fields). The
         viewing layer records every start/stop of live and playback with this."""
         with self.db.engine.begin() as conn:
-            return self.append(
-                conn,
-                action,
-                user=user,
-                actor=actor,
-                source=source,
-                site=site,
-                camera=camera,
-                time_range=time_range,
-                allowed=allowed,
-                reason=reason,
-                detail=detail,
-            )
+            return self.append(conn, action, **fields)
 
     # --- the head ---------------------------------------------------------------------------
 

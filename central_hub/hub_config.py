@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from sitelink.topics import SHARE_GROUP_RE
 
@@ -92,23 +92,40 @@ def _check_db_url(v: str) -> str | None:
     return "must start with sqlite:/// or postgresql://"
 
 
-def _check_mqtt_url(v: str) -> str | None:
+def _split_service_url(
+    v: str, schemes: tuple[str, ...], wrong_scheme: str, credentials_hint: str
+) -> SplitResult | str:
+    """The parts of a broker or webhook URL, or what is wrong with it (a malformed port, a
+    scheme not in `schemes`, no host, credentials in the URL)."""
     try:
         parts = urlsplit(v)
-        port = parts.port
+        parts.port  # noqa: B018 — raises ValueError on a malformed port
     except ValueError as exc:
         return f"is not a valid URL ({exc})"
-    if parts.scheme not in ("mqtt", "mqtts"):
-        return "must start with mqtt:// or mqtts://"
+    if parts.scheme not in schemes:
+        return wrong_scheme
     if not parts.hostname:
         return "has no host"
     if "@" in parts.netloc:
-        return "must not contain credentials (the hub authenticates with its certificate)"
+        return f"must not contain credentials ({credentials_hint})"
+    return parts
+
+
+def _check_mqtt_url(v: str) -> str | None:
+    parts = _split_service_url(
+        v,
+        ("mqtt", "mqtts"),
+        "must start with mqtt:// or mqtts://",
+        "the hub authenticates with its certificate",
+    )
+    if isinstance(parts, str):
+        return parts
+    assert parts.hostname is not None
     if parts.path not in ("", "/") or parts.query:
         return "must be mqtt(s)://HOST[:PORT] with nothing after it"
     if parts.scheme == "mqtt" and not _is_loopback(parts.hostname):
         return "plaintext mqtt:// is allowed only to a loopback broker; use mqtts://"
-    if port == 0:
+    if parts.port == 0:
         return "port 0 is not a port"
     return None
 
@@ -116,17 +133,12 @@ def _check_mqtt_url(v: str) -> str | None:
 def _check_http_url(v: str) -> str | None:
     if v == "":
         return None
-    try:
-        parts = urlsplit(v)
-        parts.port  # noqa: B018 — raises ValueError on a malformed port
-    except ValueError as exc:
-        return f"is not a valid URL ({exc})"
-    if parts.scheme not in ("https", "http"):
-        return "must start with https://"
-    if not parts.hostname:
-        return "has no host"
-    if "@" in parts.netloc:
-        return "must not contain credentials (use alerts.webhook_secret)"
+    parts = _split_service_url(
+        v, ("https", "http"), "must start with https://", "use alerts.webhook_secret"
+    )
+    if isinstance(parts, str):
+        return parts
+    assert parts.hostname is not None
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         return "plaintext http:// is allowed only to a loopback host; use https://"
     return None
@@ -317,6 +329,15 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _between(1, 1440),
     ),
     _setting(
+        "status.rollup_interval_seconds",
+        "float",
+        60.0,
+        "How often the daily uptime rollup is brought up to date (days the ledger changed, "
+        "new days, new sites). Uptime figures are exact whatever the interval: what the "
+        "rollup does not have yet is read from the ledger, only slower.",
+        _between(5, 3600),
+    ),
+    _setting(
         "tickets.threshold_minutes",
         "float",
         15.0,
@@ -465,6 +486,7 @@ class StatusConfig:
     chain_head_days: float = 35.0
     event_days: float = 400.0
     prune_interval_s: float = 3600.0
+    rollup_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -679,6 +701,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: str = "config"
             chain_head_days=get("status.chain_head_days"),
             event_days=get("status.event_days"),
             prune_interval_s=get("status.prune_interval_minutes") * 60.0,
+            rollup_interval_s=get("status.rollup_interval_seconds"),
         ),
         tickets=TicketsConfig(
             threshold_s=get("tickets.threshold_minutes") * 60.0,

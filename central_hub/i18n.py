@@ -235,6 +235,95 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Only records within your scope are shown.",
     ),
     "audit.none": ("Không có bản ghi.", "No records."),
+    # viewing pages (central_hub/viewing.py, templates/viewing/: ``vt("live.title")`` there)
+    "view.live.title": ("Xem trực tiếp", "Live view"),
+    "view.playback.title": ("Xem lại", "Playback"),
+    "view.site.title": ("Camera của điểm", "Cameras of the site"),
+    "view.site.cameras_unknown": (
+        "Danh sách camera của điểm chưa có ở trung tâm.",
+        "The hub does not know this site's cameras yet.",
+    ),
+    "view.camera": ("Camera", "Camera"),
+    "view.site": ("Điểm", "Site"),
+    "view.status.connecting": ("Đang kết nối tới điểm…", "Connecting to the site…"),
+    "view.status.playing": ("Đang phát", "Playing"),
+    "view.status.live": ("Trực tiếp", "Live"),
+    "view.status.revoked": (
+        "Quyền xem đã bị thu hồi; phiên xem đã kết thúc.",
+        "Access was revoked; viewing has ended.",
+    ),
+    "view.status.unavailable": (
+        "Không kết nối được tới điểm (mất kết nối hoặc không phản hồi).",
+        "The site cannot be reached (offline or not answering).",
+    ),
+    "view.status.ended": ("Phiên xem đã kết thúc.", "Viewing has ended."),
+    "view.status.unsupported": (
+        "Trình duyệt không giải mã được luồng này (ví dụ H.265). Hãy dùng luồng phụ H.264.",
+        "This browser cannot decode the stream (e.g. H.265). Use the H.264 sub stream.",
+    ),
+    "view.status.limit": (
+        "Bạn đang mở quá nhiều phiên xem cùng lúc.",
+        "You have too many viewing sessions open.",
+    ),
+    "view.latency": ("Độ trễ", "Latency"),
+    "view.playback.from": ("Từ", "From"),
+    "view.playback.to": ("Đến", "To"),
+    "view.playback.show": ("Hiển thị", "Show"),
+    "view.playback.gap": ("Không có bản ghi", "Not recorded"),
+    "view.playback.none": (
+        "Không có bản ghi trong khoảng thời gian này.",
+        "No recording in this range.",
+    ),
+    "view.playback.hint": (
+        "Bấm vào thanh thời gian để tua. Đoạn gạch chéo là khoảng không có bản ghi.",
+        "Click the timeline to seek. Hatched stretches were not recorded.",
+    ),
+    "view.snapshot": ("Ảnh chụp", "Snapshot"),
+    "view.to_live": ("Xem trực tiếp", "Live"),
+    "view.to_playback": ("Xem lại", "Playback"),
+    "view.to_export": ("Yêu cầu trích xuất", "Request an export"),
+    # export pages (central_hub/export.py)
+    "view.export.title": ("Trích xuất hình ảnh", "Footage exports"),
+    "view.export.new": ("Yêu cầu trích xuất mới", "New export request"),
+    "view.export.intro": (
+        "Trích xuất chỉ được thực hiện khi có căn cứ pháp lý (số văn bản, cơ quan yêu cầu) và "
+        "được một người phê duyệt khác với người yêu cầu. Mọi thao tác đều được ghi nhật ký.",
+        "An export needs a legal basis (document number, requesting authority) and approval by "
+        "someone other than the requester. Every step is logged.",
+    ),
+    "view.export.document_number": ("Số văn bản", "Document number"),
+    "view.export.authority": ("Cơ quan yêu cầu", "Requesting authority"),
+    "view.export.note": ("Ghi chú", "Note"),
+    "view.export.submit": ("Gửi yêu cầu", "Submit request"),
+    "view.export.list": ("Các yêu cầu", "Requests"),
+    "view.export.none": ("Chưa có yêu cầu nào.", "No requests."),
+    "view.export.id": ("Số", "No."),
+    "view.export.range": ("Khoảng thời gian", "Time range"),
+    "view.export.state": ("Trạng thái", "State"),
+    "view.export.requested_by": ("Người yêu cầu", "Requested by"),
+    "view.export.decided_by": ("Người quyết định", "Decided by"),
+    "view.export.approve": ("Phê duyệt", "Approve"),
+    "view.export.reject": ("Từ chối", "Reject"),
+    "view.export.download": ("Tải gói trích xuất", "Download the bundle"),
+    "view.export.detail": ("Yêu cầu trích xuất", "Export request"),
+    "view.export.state.requested": ("Chờ phê duyệt", "Awaiting approval"),
+    "view.export.state.approved": ("Đã phê duyệt", "Approved"),
+    "view.export.state.rejected": ("Bị từ chối", "Rejected"),
+    "view.export.same_person": (
+        "Người yêu cầu không được tự phê duyệt yêu cầu của mình.",
+        "The requester may not approve their own request.",
+    ),
+    "view.export.bad_state": (
+        "Yêu cầu không còn ở trạng thái này.",
+        "The request is no longer in that state.",
+    ),
+    "view.export.expired": ("Thời hạn tải đã hết.", "The download period has ended."),
+    "view.export.invalid": ("Thông tin không hợp lệ", "Invalid input"),
+    "view.export.verify_hint": (
+        "Kiểm tra gói ngoại tuyến: central-hub export verify GÓI.zip "
+        "--key KHOÁ_CÔNG_KHAI_TRUNG_TÂM.pem",
+        "Verify a bundle offline: central-hub export verify BUNDLE.zip --key HUB_PUBLIC_KEY.pem",
+    ),
     # NOC board (central_hub/board.py, templates/board/)
     "board.title": ("Bảng giám sát", "NOC board"),
     "board.updated": ("Cập nhật lúc", "Updated at"),
@@ -394,6 +483,108 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Phiếu không còn ở trạng thái cho phép thao tác này (có thể người khác vừa xử lý).",
         "The ticket's state does not allow this any more (someone may have just handled it).",
     ),
+    # the board's uptime page (central_hub/board_uptime.py) and the site page's uptime
+    "uptime.nav": ("Tỷ lệ hoạt động", "Uptime"),
+    "uptime.title": ("Tỷ lệ hoạt động của camera và điểm", "Camera and site uptime"),
+    "uptime.period": ("Khoảng thời gian", "Period"),
+    "uptime.period.today": ("Hôm nay", "Today"),
+    "uptime.period.yesterday": ("Hôm qua", "Yesterday"),
+    "uptime.period.7d": ("7 ngày gần nhất", "Last 7 days"),
+    "uptime.period.30d": ("30 ngày gần nhất", "Last 30 days"),
+    "uptime.period.custom": ("Tự chọn ngày", "Custom dates"),
+    "uptime.from": ("Từ ngày", "From"),
+    "uptime.to": ("Đến ngày", "To"),
+    "uptime.apply": ("Xem", "Show"),
+    "uptime.error.date": (
+        "Ngày không hợp lệ: nhập theo dạng năm-tháng-ngày, ví dụ 2025-07-01.",
+        "Not a valid date: write year-month-day, e.g. 2025-07-01.",
+    ),
+    "uptime.error.order": (
+        "Ngày bắt đầu không được sau ngày kết thúc.",
+        "The first day must not be after the last.",
+    ),
+    "uptime.error.future": (
+        "Khoảng thời gian này chưa bắt đầu: chọn các ngày từ hôm nay trở về trước.",
+        "That period has not begun: choose days up to today.",
+    ),
+    "uptime.error.too_long": (
+        "Khoảng thời gian dài nhất là {days} ngày.",
+        "The period is at most {days} days.",
+    ),
+    "uptime.range": (
+        "Từ {since} đến {until} (giờ Việt Nam)",
+        "From {since} to {until} (Vietnam time)",
+    ),
+    "uptime.sort": ("Sắp xếp", "Order"),
+    "uptime.sort.worst": ("Thấp nhất trước", "Worst first"),
+    "uptime.sort.name": ("Theo tên", "By name"),
+    "uptime.col.uptime": ("Tỷ lệ hoạt động camera", "Camera uptime"),
+    "uptime.col.down": ("Tổng thời gian camera ngừng", "Camera downtime (sum)"),
+    "uptime.col.site_uptime": ("Tỷ lệ kết nối của điểm", "Site connectivity"),
+    "uptime.col.site_down": ("Thời gian điểm mất kết nối", "Site offline time"),
+    "uptime.col.mttr": ("Thời gian khắc phục trung bình", "Mean time to repair"),
+    "uptime.col.mttr_max": ("Lâu nhất", "Longest"),
+    "uptime.col.tickets": ("Phiếu đã khắc phục", "Tickets repaired"),
+    "uptime.col.monitored": ("Thời gian được giám sát", "Time monitored"),
+    "uptime.cameras_down": (
+        "{cameras} camera, tổng thời gian ngừng {down}",
+        "{cameras} cameras, {down} down in all",
+    ),
+    "uptime.sites_down": (
+        "{sites} điểm, tổng thời gian mất kết nối {down}",
+        "{sites} sites, {down} offline in all",
+    ),
+    "uptime.mttr_detail": (
+        "{tickets} phiếu đã khắc phục, lâu nhất {longest}",
+        "{tickets} tickets repaired, longest {longest}",
+    ),
+    "uptime.none": ("Không có số liệu trong khoảng thời gian này.", "No figures for this period."),
+    "uptime.by_province": ("Theo tỉnh/thành phố", "By province"),
+    "uptime.by_district": ("Theo quận/huyện", "By district"),
+    "uptime.by_operator": ("Theo nhà mạng", "By operator"),
+    "uptime.download_csv": ("Tải CSV", "Download CSV"),
+    "uptime.mttr_filtered": (
+        "Thời gian khắc phục không lọc được theo loại điểm hay cơ quan quản lý nên không hiển thị.",
+        "Repair times cannot be filtered by site kind or authority, so they are not shown.",
+    ),
+    "uptime.sites_worst": ("Các điểm (thấp nhất trước)", "Sites (worst first)"),
+    "uptime.sites_name": ("Các điểm (theo tên)", "Sites (by name)"),
+    "uptime.site_page": ("trang điểm", "site page"),
+    "uptime.cameras": ("Các camera của điểm", "The site's cameras"),
+    "uptime.legend": (
+        "Màu: xanh từ {green} % trở lên, vàng từ {amber} %, đỏ dưới {amber} %. "
+        "Thanh màu biểu diễn từ {floor} % đến 100 %.",
+        "Colours: green from {green} %, amber from {amber} %, red below {amber} %. "
+        "Bars run from {floor} % to 100 %.",
+    ),
+    "uptime.explain": (
+        "Tỷ lệ hoạt động camera: phần thời gian được giám sát (từ khi trung tâm thấy camera lần "
+        "đầu) mà camera hoạt động, tính cả lúc điểm mất kết nối là camera ngừng; cộng dồn theo "
+        "từng camera. Tỷ lệ kết nối của điểm: phần thời gian điểm liên lạc được với trung tâm. "
+        "Thời gian khắc phục: từ lúc sự cố bắt đầu đến lúc hết, trên các phiếu được khắc phục "
+        "trong kỳ. Tất cả lấy từ sổ sự cố.",
+        "Camera uptime: the share of monitored time (from when the hub first saw the camera) the "
+        "camera was up, counting it down while its site was offline; weighted by camera. Site "
+        "connectivity: the share of time the site was in contact with the hub. Time to repair: "
+        "outage start to end, over the tickets repaired in the period. All from the outage "
+        "ledger.",
+    ),
+    "uptime.site_title": ("Tỷ lệ hoạt động", "Uptime"),
+    "uptime.open_page": ("Xem tỷ lệ hoạt động", "Open the uptime page"),
+    "uptime.window": ("Khoảng thời gian gần nhất", "Last"),
+    "uptime.cameras_over": ("Từng camera, {period} gần nhất", "Each camera, last {period}"),
+    "uptime.csv.camera_name": ("Tên camera", "Camera name"),
+    "uptime.csv.site_name": ("Tên điểm", "Site name"),
+    "uptime.csv.from": ("Từ ngày", "First day"),
+    "uptime.csv.to": ("Đến ngày", "Last day"),
+    "uptime.csv.uptime_pct": ("Tỷ lệ hoạt động camera (%)", "Camera uptime (%)"),
+    "uptime.csv.monitored_s": ("Thời gian giám sát camera (giây)", "Camera time monitored (s)"),
+    "uptime.csv.down_s": ("Thời gian camera ngừng (giây)", "Camera downtime (s)"),
+    "uptime.csv.site_uptime_pct": ("Tỷ lệ kết nối của điểm (%)", "Site connectivity (%)"),
+    "uptime.csv.site_down_s": ("Thời gian điểm mất kết nối (giây)", "Site offline time (s)"),
+    "uptime.csv.tickets": ("Phiếu đã khắc phục", "Tickets repaired"),
+    "uptime.csv.mttr_s": ("Thời gian khắc phục trung bình (giây)", "Mean time to repair (s)"),
+    "uptime.csv.max_s": ("Thời gian khắc phục lâu nhất (giây)", "Longest repair (s)"),
 }
 
 

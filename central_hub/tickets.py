@@ -64,6 +64,14 @@ def _check_text(label: str, value: str, limit: int, *, newlines: bool) -> str:
     return value
 
 
+def _check_user(name: str) -> str:
+    return _check_text("user", name, MAX_NAME, newlines=False)
+
+
+def _optional_note(note: str | None) -> str:
+    return _check_text("note", note, MAX_NOTE, newlines=True) if note else ""
+
+
 def open_tickets_for_long_outages(
     conn: Connection, *, now: float, threshold_s: float, lookback_s: float = 7 * 86400.0
 ) -> list[int]:
@@ -143,18 +151,24 @@ def _transition(
     values: dict[str, Any],
     site_filter: ColumnElement[bool] | None,
     what: str,
+    by: str,
+    now: float,
+    text: str,
 ) -> None:
+    """Change the ticket only if it is still in one of `allowed_from`, and write the history
+    note (action `what`, by `by`, saying `text`)."""
     row = _load(conn, ticket_id, site_filter)
     res = conn.execute(
         tickets.update()
         .where(tickets.c.id == ticket_id, tickets.c.state.in_(allowed_from))
-        .values(**values)
+        .values(**values, updated_at=now)
     )
     if res.rowcount != 1:
         raise TicketError(
             f"ticket #{ticket_id} is {row.state}: it cannot be {what} "
             f"(only when {' or '.join(allowed_from)})"
         )
+    _note(conn, ticket_id, now, by, what, text)
 
 
 def _note(conn: Connection, ticket_id: int, at: float, author: str, action: str, text: str) -> None:
@@ -175,22 +189,19 @@ def acknowledge(
     site_filter: ColumnElement[bool] | None = None,
 ) -> None:
     """Someone has taken the ticket (open → acknowledged)."""
-    by = _check_text("user", by, MAX_NAME, newlines=False)
-    text = _check_text("note", note, MAX_NOTE, newlines=True) if note else ""
+    by = _check_user(by)
+    text = _optional_note(note)
     _transition(
         conn,
         ticket_id,
         allowed_from=("open",),
-        values={
-            "state": "acknowledged",
-            "acknowledged_at": now,
-            "acknowledged_by": by,
-            "updated_at": now,
-        },
+        values={"state": "acknowledged", "acknowledged_at": now, "acknowledged_by": by},
         site_filter=site_filter,
         what="acknowledged",
+        by=by,
+        now=now,
+        text=text,
     )
-    _note(conn, ticket_id, now, by, "acknowledged", text)
 
 
 def assign(
@@ -203,17 +214,19 @@ def assign(
     site_filter: ColumnElement[bool] | None = None,
 ) -> None:
     """Give the ticket to a person or team (any state but closed)."""
-    by = _check_text("user", by, MAX_NAME, newlines=False)
+    by = _check_user(by)
     assignee = _check_text("assignee", assignee, MAX_NAME, newlines=False)
     _transition(
         conn,
         ticket_id,
         allowed_from=("open", "acknowledged", "resolved"),
-        values={"assignee": assignee, "updated_at": now},
+        values={"assignee": assignee},
         site_filter=site_filter,
         what="assigned",
+        by=by,
+        now=now,
+        text=assignee,
     )
-    _note(conn, ticket_id, now, by, "assigned", assignee)
 
 
 def add_note(
@@ -226,7 +239,7 @@ def add_note(
     site_filter: ColumnElement[bool] | None = None,
 ) -> None:
     """Append a note (any state, closed included: a late remark is still history)."""
-    author = _check_text("user", author, MAX_NAME, newlines=False)
+    author = _check_user(author)
     text = _check_text("note", text, MAX_NOTE, newlines=True)
     _load(conn, ticket_id, site_filter)
     conn.execute(tickets.update().where(tickets.c.id == ticket_id).values(updated_at=now))
@@ -243,8 +256,8 @@ def close(
     site_filter: ColumnElement[bool] | None = None,
 ) -> None:
     """Confirm the repair (resolved → closed). Refused while the outage goes on."""
-    by = _check_text("user", by, MAX_NAME, newlines=False)
-    text = _check_text("note", note, MAX_NOTE, newlines=True) if note else ""
+    by = _check_user(by)
+    text = _optional_note(note)
     row = _load(conn, ticket_id, site_filter)
     if row.state in ("open", "acknowledged"):
         raise TicketError(
@@ -255,11 +268,13 @@ def close(
         conn,
         ticket_id,
         allowed_from=("resolved",),
-        values={"state": "closed", "closed_at": now, "closed_by": by, "updated_at": now},
+        values={"state": "closed", "closed_at": now, "closed_by": by},
         site_filter=site_filter,
         what="closed",
+        by=by,
+        now=now,
+        text=text,
     )
-    _note(conn, ticket_id, now, by, "closed", text)
 
 
 def ticket_alerts(conn: Connection, ticket_ids: list[int]) -> list[Alert]:

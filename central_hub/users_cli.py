@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,8 +46,26 @@ def _open(db_url: str) -> Database:
     return db
 
 
-def _store(db: Database) -> AccountStore:
-    return AccountStore(db, AuditLog(db), AuthConfig())
+@contextmanager
+def _accounts(db_url: str) -> Iterator[AccountStore]:
+    """The account store on a migrated database, closed afterwards; a refusal (AccountError)
+    ends the command with its reason."""
+    db = _open(db_url)
+    try:
+        yield AccountStore(db, AuditLog(db), AuthConfig())
+    except AccountError as exc:
+        raise _fail(exc) from None
+    finally:
+        db.close()
+
+
+@contextmanager
+def _audit_log(db_url: str) -> Iterator[AuditLog]:
+    db = _open(db_url)
+    try:
+        yield AuditLog(db)
+    finally:
+        db.close()
 
 
 def _user(store: AccountStore, email: str) -> UserRecord:
@@ -96,13 +116,8 @@ def create_superadmin(db_url: str, email: str, full_name: str, password_stdin: b
         password = sys.stdin.readline().rstrip("\n")
     else:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    db = _open(db_url)
-    try:
-        user_id = _store(db).create_superadmin(email, full_name, password, cli_actor())
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        db.close()
+    with _accounts(db_url) as store:
+        user_id = store.create_superadmin(email, full_name, password, cli_actor())
     click.echo(f"superadmin {email} created (user {user_id}); set up TOTP at the first login")
 
 
@@ -111,11 +126,8 @@ def create_superadmin(db_url: str, email: str, full_name: str, password_stdin: b
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def list_users(db_url: str, as_json: bool) -> None:
     """Every account with its active grants."""
-    db = _open(db_url)
-    try:
-        records = _store(db).list_users()
-    finally:
-        db.close()
+    with _accounts(db_url) as store:
+        records = store.list_users()
     for rec in records:
         grants = [
             {
@@ -149,9 +161,7 @@ def list_users(db_url: str, as_json: bool) -> None:
 
 
 def _change(db_url: str, email: str, what: str, reason: str = "") -> None:
-    db = _open(db_url)
-    store = _store(db)
-    try:
+    with _accounts(db_url) as store:
         rec = _user(store, email)
         actor = cli_actor()
         if what == "disable":
@@ -162,10 +172,6 @@ def _change(db_url: str, email: str, what: str, reason: str = "") -> None:
             store.unlock_user(rec.user_id, actor)
         elif what == "reset-totp":
             store.reset_totp(rec.user_id, actor)
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        db.close()
     click.echo(f"{email}: {what} done")
 
 
@@ -220,17 +226,11 @@ def grant(db_url: str, email: str, role: str, scope_text: str, expires: str | No
         scope = Scope.parse(scope_text)
     except PolicyError as exc:
         raise click.BadParameter(str(exc), param_hint="--scope") from None
-    db = _open(db_url)
-    store = _store(db)
-    try:
+    with _accounts(db_url) as store:
         rec = _user(store, email)
         grant_id = store.add_grant(
             rec.user_id, role, scope, cli_actor(), None if expires is None else _when(expires)
         )
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        db.close()
     click.echo(f"grant {grant_id}: {email} is {role} over {scope}")
 
 
@@ -240,14 +240,8 @@ def grant(db_url: str, email: str, role: str, scope_text: str, expires: str | No
 @click.option("--base-url", required=True, help="The hub's public address, e.g. https://hub.vn")
 def reissue_activation(db_url: str, email: str, base_url: str) -> None:
     """A new one-time activation link for an approved account whose link expired."""
-    db = _open(db_url)
-    store = _store(db)
-    try:
+    with _accounts(db_url) as store:
         activation = store.reissue_activation(_user(store, email).user_id, cli_actor())
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        db.close()
     expires = datetime.fromtimestamp(activation.expires_at, UTC).isoformat(timespec="minutes")
     click.echo(f"{base_url.rstrip('/')}/activate?token={activation.token}")
     click.echo(f"valid until {expires}; send it to {email} through an official channel", err=True)
@@ -258,13 +252,8 @@ def reissue_activation(db_url: str, email: str, base_url: str) -> None:
 @click.argument("grant_id", type=int)
 def revoke_grant(db_url: str, grant_id: int) -> None:
     """End a grant now (open viewing that relied on it ends)."""
-    db = _open(db_url)
-    try:
-        _store(db).revoke_grant(grant_id, cli_actor())
-    except AccountError as exc:
-        raise _fail(exc) from None
-    finally:
-        db.close()
+    with _accounts(db_url) as store:
+        store.revoke_grant(grant_id, cli_actor())
     click.echo(f"grant {grant_id} revoked")
 
 
@@ -289,11 +278,8 @@ def verify(db_url: str, anchor_files: tuple[Path, ...]) -> None:
     for path in anchor_files:
         with path.open(encoding="utf-8", errors="replace") as f:
             anchors.extend(parse_anchors(f))
-    db = _open(db_url)
-    try:
-        result = AuditLog(db).verify(anchors)
-    finally:
-        db.close()
+    with _audit_log(db_url) as log:
+        result = log.verify(anchors)
     if result.ok:
         click.echo(
             f"audit log OK: {result.rows} rows, head seq={result.head_seq} "
@@ -321,16 +307,12 @@ def verify(db_url: str, anchor_files: tuple[Path, ...]) -> None:
 def export(db_url: str, since: str | None, fmt: str, output: Path | None) -> None:
     """Write rows from a time on as JSON lines (re-verifiable) or CSV (for spreadsheets)."""
     since_ts = None if since is None else _when(since)
-    db = _open(db_url)
-    try:
-        log = AuditLog(db)
+    with _audit_log(db_url) as log:
         if output is None:
             count = log.export(sys.stdout, since_ts, fmt)  # type: ignore[arg-type]
         else:
             with output.open("w", encoding="utf-8", newline="") as f:
                 count = log.export(f, since_ts, fmt)  # type: ignore[arg-type]
-    finally:
-        db.close()
     click.echo(f"{count} rows exported", err=True)
 
 
@@ -338,9 +320,6 @@ def export(db_url: str, since: str | None, fmt: str, output: Path | None) -> Non
 @_db_option
 def head(db_url: str) -> None:
     """Print the chain head (keep it somewhere the database's admins cannot write)."""
-    db = _open(db_url)
-    try:
-        seq, digest = AuditLog(db).head()
-    finally:
-        db.close()
+    with _audit_log(db_url) as log:
+        seq, digest = log.head()
     click.echo(f"audit chain head seq={seq} hash={digest}")

@@ -52,6 +52,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import TypeAdapter, ValidationError
 
+from central_hub import i18n
 from central_hub.accounts import AccountStore, Revocation, sessions
 from central_hub.audit import AuditLog
 from central_hub.db import Database
@@ -96,105 +97,17 @@ CLOSE_UNAVAILABLE = 4503
 CLOSE_LIMIT = 4429
 
 # --------------------------------------------------------------------------------------------
-# Texts of the viewing and export pages (Vietnamese first; ``vt`` in the templates)
-
-TEXTS: dict[str, tuple[str, str]] = {
-    "live.title": ("Xem trực tiếp", "Live view"),
-    "playback.title": ("Xem lại", "Playback"),
-    "site.title": ("Camera của điểm", "Cameras of the site"),
-    "site.cameras_unknown": (
-        "Danh sách camera của điểm chưa có ở trung tâm.",
-        "The hub does not know this site's cameras yet.",
-    ),
-    "camera": ("Camera", "Camera"),
-    "site": ("Điểm", "Site"),
-    "status.connecting": ("Đang kết nối tới điểm…", "Connecting to the site…"),
-    "status.playing": ("Đang phát", "Playing"),
-    "status.live": ("Trực tiếp", "Live"),
-    "status.revoked": (
-        "Quyền xem đã bị thu hồi; phiên xem đã kết thúc.",
-        "Access was revoked; viewing has ended.",
-    ),
-    "status.unavailable": (
-        "Không kết nối được tới điểm (mất kết nối hoặc không phản hồi).",
-        "The site cannot be reached (offline or not answering).",
-    ),
-    "status.ended": ("Phiên xem đã kết thúc.", "Viewing has ended."),
-    "status.unsupported": (
-        "Trình duyệt không giải mã được luồng này (ví dụ H.265). Hãy dùng luồng phụ H.264.",
-        "This browser cannot decode the stream (e.g. H.265). Use the H.264 sub stream.",
-    ),
-    "status.limit": (
-        "Bạn đang mở quá nhiều phiên xem cùng lúc.",
-        "You have too many viewing sessions open.",
-    ),
-    "latency": ("Độ trễ", "Latency"),
-    "playback.from": ("Từ", "From"),
-    "playback.to": ("Đến", "To"),
-    "playback.show": ("Hiển thị", "Show"),
-    "playback.gap": ("Không có bản ghi", "Not recorded"),
-    "playback.none": (
-        "Không có bản ghi trong khoảng thời gian này.",
-        "No recording in this range.",
-    ),
-    "playback.hint": (
-        "Bấm vào thanh thời gian để tua. Đoạn gạch chéo là khoảng không có bản ghi.",
-        "Click the timeline to seek. Hatched stretches were not recorded.",
-    ),
-    "snapshot": ("Ảnh chụp", "Snapshot"),
-    "to_live": ("Xem trực tiếp", "Live"),
-    "to_playback": ("Xem lại", "Playback"),
-    "to_export": ("Yêu cầu trích xuất", "Request an export"),
-    # export pages
-    "export.title": ("Trích xuất hình ảnh", "Footage exports"),
-    "export.new": ("Yêu cầu trích xuất mới", "New export request"),
-    "export.intro": (
-        "Trích xuất chỉ được thực hiện khi có căn cứ pháp lý (số văn bản, cơ quan yêu cầu) và "
-        "được một người phê duyệt khác với người yêu cầu. Mọi thao tác đều được ghi nhật ký.",
-        "An export needs a legal basis (document number, requesting authority) and approval by "
-        "someone other than the requester. Every step is logged.",
-    ),
-    "export.document_number": ("Số văn bản", "Document number"),
-    "export.authority": ("Cơ quan yêu cầu", "Requesting authority"),
-    "export.note": ("Ghi chú", "Note"),
-    "export.submit": ("Gửi yêu cầu", "Submit request"),
-    "export.list": ("Các yêu cầu", "Requests"),
-    "export.none": ("Chưa có yêu cầu nào.", "No requests."),
-    "export.id": ("Số", "No."),
-    "export.range": ("Khoảng thời gian", "Time range"),
-    "export.state": ("Trạng thái", "State"),
-    "export.requested_by": ("Người yêu cầu", "Requested by"),
-    "export.decided_by": ("Người quyết định", "Decided by"),
-    "export.approve": ("Phê duyệt", "Approve"),
-    "export.reject": ("Từ chối", "Reject"),
-    "export.download": ("Tải gói trích xuất", "Download the bundle"),
-    "export.detail": ("Yêu cầu trích xuất", "Export request"),
-    "export.state.requested": ("Chờ phê duyệt", "Awaiting approval"),
-    "export.state.approved": ("Đã phê duyệt", "Approved"),
-    "export.state.rejected": ("Bị từ chối", "Rejected"),
-    "export.same_person": (
-        "Người yêu cầu không được tự phê duyệt yêu cầu của mình.",
-        "The requester may not approve their own request.",
-    ),
-    "export.bad_state": (
-        "Yêu cầu không còn ở trạng thái này.",
-        "The request is no longer in that state.",
-    ),
-    "export.expired": ("Thời hạn tải đã hết.", "The download period has ended."),
-    "export.invalid": ("Thông tin không hợp lệ", "Invalid input"),
-    "export.verify_hint": (
-        "Kiểm tra gói ngoại tuyến: central-hub export verify GÓI.zip "
-        "--key KHOÁ_CÔNG_KHAI_TRUNG_TÂM.pem",
-        "Verify a bundle offline: central-hub export verify BUNDLE.zip --key HUB_PUBLIC_KEY.pem",
-    ),
-}
+# Texts of the viewing and export pages: the ``view.*`` keys of central_hub.i18n
 
 
 def vt(key: str, lang: str, **values: object) -> str:
-    """A viewing/export page text in `lang` (Vietnamese unless ``en``)."""
-    vi, en = TEXTS[key]
-    text = en if lang == "en" else vi
-    return text.format(**values) if values else text
+    """A viewing/export page text in `lang`: ``view.<key>`` of :mod:`central_hub.i18n` (the
+    templates say ``vt('live.title')``)."""
+    return i18n.t(f"view.{key}", lang, **values)
+
+
+#: The keys `vt` takes; templates test an error code against them before showing its text.
+VIEW_KEYS = frozenset(key.removeprefix("view.") for key in i18n.MESSAGES if key.startswith("view."))
 
 
 def fmt_time(ts: float | None) -> str:
@@ -212,7 +125,7 @@ def page(request: web.Request, template: str, status: int = 200, **context: Any)
         template,
         status=status,
         vt=lambda key, **values: vt(key, lang, **values),
-        texts=TEXTS,
+        texts=VIEW_KEYS,
         fmt=fmt_time,
         **context,
     )
@@ -844,34 +757,59 @@ async def live_ws(request: web.Request) -> web.StreamResponse:
     camera = _camera(request)
     _same_origin(request)
     principal = await require(request, "view_live", site, camera=camera)
-    if service.open_sessions(principal.user_id, "live") >= service.limits.live_per_user:
-        raise web.HTTPTooManyRequests(reason="too many live sessions")
+    stats: dict[str, int] = {"fragments": 0, "dropped": 0}
+    return await _serve_session(
+        request, principal, site, camera, "live",
+        work=lambda session: _pump_live(service, session, stats),
+        stop_detail=lambda _session: dict(stats),
+    )  # fmt: skip
+
+
+async def _serve_session(
+    request: web.Request,
+    principal: Principal,
+    site: SiteAttrs,
+    camera: str,
+    kind: SessionKind,
+    *,
+    work: Callable[[ViewingSession], Awaitable[str]],
+    stop_detail: Callable[[ViewingSession], dict[str, Any]],
+    time_range: tuple[float, float] | None = None,
+) -> web.WebSocketResponse:
+    """Hold one live or playback session on the browser's WebSocket: refused past the user's
+    limit of such sessions, audited when it starts and when it stops (why, how long, and
+    `stop_detail`), running `work` until it, the browser or a revocation ends it."""
+    service = request.app[VIEWING]
+    limit = service.limits.live_per_user if kind == "live" else service.limits.playback_per_user
+    if service.open_sessions(principal.user_id, kind) >= limit:
+        raise web.HTTPTooManyRequests(reason=f"too many {kind} sessions")
     ws = _new_ws()
     try:
         await ws.prepare(request)
     except ConnectionResetError:  # the browser went away during the handshake
         return ws
+    # A playback id is part of its segment URLs (_PLAYBACK_ID: 22 characters, 16 bytes).
+    viewing_id = secrets.token_urlsafe(12 if kind == "live" else 16)
     session = ViewingSession(
-        "live", secrets.token_urlsafe(12), principal.user_id, _session_hash(request),
-        site.site_id, camera, ws,
+        kind, viewing_id, principal.user_id, _session_hash(request), site.site_id, camera, ws,
+        time_range=time_range,
     )  # fmt: skip
-    stats: dict[str, int] = {"fragments": 0, "dropped": 0}
+    audited = {"user": principal, "site": site, "camera": camera, "time_range": time_range}
     async with _registered(service, session):
         await service.record(
-            "live_start", request, user=principal, site=site, camera=camera,
-            detail={"viewing": session.viewing_id},
-        )  # fmt: skip
-        service.counters["live_sessions"] += 1
+            f"{kind}_start", request, **audited, detail={"viewing": session.viewing_id}
+        )
+        service.counters[f"{kind}_sessions"] += 1
         try:
-            await _run_session(session, _pump_live(service, session, stats))
+            await _run_session(session, work(session))
         finally:
             reason = session.stop_reason or "viewer_closed"
             await _finish(ws, reason)
             await service.record(
-                "live_stop", request, user=principal, site=site, camera=camera, reason=reason,
+                f"{kind}_stop", request, **audited, reason=reason,
                 detail={"viewing": session.viewing_id,
                         "seconds": round(time.time() - session.started, 3),
-                        "fragments": stats["fragments"], "dropped": stats["dropped"]},
+                        **stop_detail(session)},
             )  # fmt: skip
     return ws
 
@@ -1010,36 +948,13 @@ async def playback_ws(request: web.Request) -> web.StreamResponse:
     principal = await require(
         request, "view_playback", site, camera=camera, time_range=(start, end)
     )
-    if service.open_sessions(principal.user_id, "playback") >= service.limits.playback_per_user:
-        raise web.HTTPTooManyRequests(reason="too many playback sessions")
-    ws = _new_ws()
-    try:
-        await ws.prepare(request)
-    except ConnectionResetError:  # the browser went away during the handshake
-        return ws
-    session = ViewingSession(
-        "playback", secrets.token_urlsafe(16), principal.user_id, _session_hash(request),
-        site.site_id, camera, ws, time_range=(start, end),
+    return await _serve_session(
+        request, principal, site, camera, "playback",
+        work=lambda session: _hold_playback(service, session),
+        stop_detail=lambda session: {"segments_served": session.served,
+                                     "bytes_served": session.served_bytes},
+        time_range=(start, end),
     )  # fmt: skip
-    async with _registered(service, session):
-        await service.record(
-            "playback_start", request, user=principal, site=site, camera=camera,
-            time_range=(start, end), detail={"viewing": session.viewing_id},
-        )  # fmt: skip
-        service.counters["playback_sessions"] += 1
-        try:
-            await _run_session(session, _hold_playback(service, session))
-        finally:
-            reason = session.stop_reason or "viewer_closed"
-            await _finish(ws, reason)
-            await service.record(
-                "playback_stop", request, user=principal, site=site, camera=camera,
-                time_range=(start, end), reason=reason,
-                detail={"viewing": session.viewing_id,
-                        "seconds": round(time.time() - session.started, 3),
-                        "segments_served": session.served, "bytes_served": session.served_bytes},
-            )  # fmt: skip
-    return ws
 
 
 async def _hold_playback(service: ViewingService, session: ViewingSession) -> str:
@@ -1068,22 +983,31 @@ async def _hold_playback(service: ViewingService, session: ViewingSession) -> st
     return "viewer_closed"  # pragma: no cover
 
 
-async def _playback_segment(request: web.Request) -> tuple[ViewingSession, Plaintext]:
-    """The opened segment for a request under a playback session, with every check: the
-    session is open and this request's own (user and login session), the user may still play
-    back this site, the segment is in the session's listing."""
-    service = request.app[VIEWING]
-    session = service.sessions.get(request.match_info["pid"])
+def _own_playback_session(
+    request: web.Request, *, open_only: bool
+) -> tuple[ViewingSession, Principal]:
+    """The playback session the URL names, if it is this request's own (same user, same login
+    session) and, with `open_only`, not yet stopped; else 404 (not telling whether it exists)."""
+    session = request.app[VIEWING].sessions.get(request.match_info["pid"])
     principal = principal_of(request)
     if (
         session is None
         or session.kind != "playback"
-        or session.stop_reason is not None
+        or (open_only and session.stop_reason is not None)
         or principal is None
         or principal.user_id != session.user_id
         or _session_hash(request) != session.session_hash
     ):
         raise web.HTTPNotFound()
+    return session, principal
+
+
+async def _playback_segment(request: web.Request) -> tuple[ViewingSession, Plaintext]:
+    """The opened segment for a request under a playback session, with every check: the
+    session is open and this request's own (user and login session), the user may still play
+    back this site, the segment is in the session's listing."""
+    service = request.app[VIEWING]
+    session, principal = _own_playback_session(request, open_only=True)
     site = await service.site(session.site)
     if not can(principal, "view_playback", site, time.time()):
         await require(request, "view_playback", site, camera=session.camera,
@@ -1097,18 +1021,14 @@ async def _playback_segment(request: web.Request) -> tuple[ViewingSession, Plain
         )
     except TunnelRevoked:
         raise web.HTTPForbidden() from None
-    except SegmentMismatch as exc:
+    except (SegmentMismatch, SegmentUnreadable) as exc:
+        altered = isinstance(exc, SegmentMismatch)
         await service.record(
-            "segment_mismatch", request, user=principal, site=site, camera=session.camera,
-            reason=str(exc)[:900], detail={"seq": seq},
+            "segment_mismatch" if altered else "segment_unreadable", request, user=principal,
+            site=site, camera=session.camera, reason=str(exc)[:900], detail={"seq": seq},
         )  # fmt: skip
-        raise web.HTTPBadGateway(reason="segment altered at the edge") from None
-    except SegmentUnreadable as exc:
-        await service.record(
-            "segment_unreadable", request, user=principal, site=site, camera=session.camera,
-            reason=str(exc)[:900], detail={"seq": seq},
-        )  # fmt: skip
-        raise web.HTTPBadGateway(reason="segment does not open") from None
+        reason = "segment altered at the edge" if altered else "segment does not open"
+        raise web.HTTPBadGateway(reason=reason) from None
     except RemoteError as exc:
         raise web.HTTPNotFound(reason=f"edge: {exc.reason}") from None
     except TunnelError as exc:
@@ -1166,17 +1086,7 @@ def hls_playlist(segments: list[SegmentInfo]) -> str:
 
 
 async def playback_playlist(request: web.Request) -> web.StreamResponse:
-    service = request.app[VIEWING]
-    session = service.sessions.get(request.match_info["pid"])
-    principal = principal_of(request)
-    if (
-        session is None
-        or session.kind != "playback"
-        or principal is None
-        or principal.user_id != session.user_id
-        or _session_hash(request) != session.session_hash
-    ):
-        raise web.HTTPNotFound()
+    session, _principal = _own_playback_session(request, open_only=False)
     segments = [session.listing[k] for k in sorted(session.listing)]
     return web.Response(text=hls_playlist(segments), content_type="application/vnd.apple.mpegurl")
 

@@ -424,17 +424,12 @@ class SegmentStore:
         open_only: bool = False,
     ) -> list[Gap]:
         """Gaps overlapping [since, until] (open gaps reach to now), oldest first."""
-        sql = "SELECT * FROM gaps WHERE 1=1"
-        params: list[Any] = []
-        if camera_id is not None:
-            sql += " AND camera_id = ?"
-            params.append(camera_id)
-        if since is not None:
-            sql += ' AND ("end" IS NULL OR "end" >= ?)'
-            params.append(since)
-        if until is not None:
-            sql += " AND start <= ?"
-            params.append(until)
+        where, params = _where(
+            ("camera_id = ?", camera_id),
+            ('("end" IS NULL OR "end" >= ?)', since),
+            ("start <= ?", until),
+        )
+        sql = "SELECT * FROM gaps WHERE 1=1" + where  # noqa: S608 - fixed clauses (_where)
         if open_only:
             sql += ' AND "end" IS NULL'
         rows = self._read(sql + " ORDER BY start, id", params)
@@ -640,18 +635,10 @@ class SegmentStore:
         limit: int | None = None,
     ) -> list[IndexedSegment]:
         """Indexed segments overlapping [since, until], in chain order (oldest first)."""
-        sql = "SELECT * FROM segments WHERE 1=1"
-        params: list[Any] = []
-        if camera_id is not None:
-            sql += " AND camera_id = ?"
-            params.append(camera_id)
-        if since is not None:
-            sql += " AND end_time >= ?"
-            params.append(since)
-        if until is not None:
-            sql += " AND start_time <= ?"
-            params.append(until)
-        sql += " ORDER BY id"
+        where, params = _where(
+            ("camera_id = ?", camera_id), ("end_time >= ?", since), ("start_time <= ?", until)
+        )
+        sql = "SELECT * FROM segments WHERE 1=1" + where + " ORDER BY id"  # noqa: S608 - _where
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -900,3 +887,15 @@ def _unlink_segment(path: Path) -> None:
         path.unlink()
     with contextlib.suppress(OSError):
         os.rmdir(path.parent)  # only succeeds when empty
+
+
+def _where(*conditions: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """`` AND …`` clauses and their parameters for the conditions whose value is given (a
+    None value sets no condition)."""
+    sql = ""
+    params: list[Any] = []
+    for clause, value in conditions:
+        if value is not None:
+            sql += f" AND {clause}"
+            params.append(value)
+    return sql, params

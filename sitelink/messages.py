@@ -370,6 +370,11 @@ Thumbnail = Annotated[
 # --- base classes -----------------------------------------------------------------------------
 
 
+def _tag(name: str) -> Any:
+    """The field that tells a message variant apart (`kind`, `command`): always `name`."""
+    return Field(default=name, description=f"`{name}`")
+
+
 class _Strict(BaseModel):
     """Strict, closed, immutable: the contract, not a suggestion."""
 
@@ -415,7 +420,7 @@ class StateBirth(Message):
     """Published retained on every connect; says the site is online."""
 
     TOPIC_KIND = Kind.STATE
-    kind: Literal["birth"] = Field(default="birth", description="`birth`")
+    kind: Literal["birth"] = _tag("birth")
     bdseq: Count = Field(
         description="birth/death sequence: +1 at every connect, persisted; the will registered "
         "on that connect is the death with the same `bdseq`"
@@ -438,7 +443,7 @@ class StateDeath(Message):
     """The will registered at connect (reason `lost`), or published on a clean shutdown."""
 
     TOPIC_KIND = Kind.STATE
-    kind: Literal["death"] = Field(default="death", description="`death`")
+    kind: Literal["death"] = _tag("death")
     bdseq: Count = Field(description="the `bdseq` of the birth this death ends")
     agent_version: Version = Field(description="edge agent software version")
     reason: Literal["lost", "shutdown"] = Field(
@@ -622,7 +627,7 @@ class EventBase(Message):
 class CameraDown(EventBase):
     """The edge lost the camera's stream."""
 
-    kind: Literal["camera_down"] = Field(default="camera_down", description="`camera_down`")
+    kind: Literal["camera_down"] = _tag("camera_down")
     camera: CameraId = Field(description="camera id")
     cause: Cause = Field(description="why the stream stopped")
     detail: Detail | None = Field(default=None, description="the error as the edge saw it")
@@ -631,7 +636,7 @@ class CameraDown(EventBase):
 class CameraUp(EventBase):
     """The camera's stream is back (or up for the first time since the agent started)."""
 
-    kind: Literal["camera_up"] = Field(default="camera_up", description="`camera_up`")
+    kind: Literal["camera_up"] = _tag("camera_up")
     camera: CameraId = Field(description="camera id")
     down_since: Timestamp | None = Field(
         default=None, description="when it went down, so the hub can close an outage it missed"
@@ -641,7 +646,7 @@ class CameraUp(EventBase):
 class GapOpened(EventBase):
     """Recording stopped: footage is missing from `start` on."""
 
-    kind: Literal["gap_opened"] = Field(default="gap_opened", description="`gap_opened`")
+    kind: Literal["gap_opened"] = _tag("gap_opened")
     camera: CameraId = Field(description="camera id")
     start: Timestamp = Field(description="wall-clock time of the last recorded packet")
     cause: Cause = Field(description="why recording stopped")
@@ -650,7 +655,7 @@ class GapOpened(EventBase):
 class GapClosed(EventBase):
     """Recording resumed: footage is missing from `start` to `end`."""
 
-    kind: Literal["gap_closed"] = Field(default="gap_closed", description="`gap_closed`")
+    kind: Literal["gap_closed"] = _tag("gap_closed")
     camera: CameraId = Field(description="camera id")
     start: Timestamp = Field(description="same `start` as the matching `gap_opened`")
     end: Timestamp = Field(description="wall-clock time of the first packet recorded again")
@@ -666,7 +671,7 @@ class GapClosed(EventBase):
 class ImageFaultEvent(EventBase):
     """An image fault started (`active`) or ended, with the values that decided it."""
 
-    kind: Literal["image_fault"] = Field(default="image_fault", description="`image_fault`")
+    kind: Literal["image_fault"] = _tag("image_fault")
     camera: CameraId = Field(description="camera id")
     fault: ImageFault = Field(description="which fault")
     active: bool = Field(description="true: the fault started; false: it cleared")
@@ -680,7 +685,7 @@ class ImageFaultEvent(EventBase):
 class DiskEvent(EventBase):
     """The recording volume changed level (ok / warning / critical)."""
 
-    kind: Literal["disk"] = Field(default="disk", description="`disk`")
+    kind: Literal["disk"] = _tag("disk")
     level: Level = Field(description="new level")
     free_bytes: Count = Field(description="free bytes on the recording volume")
     forecast_days: Days | None = Field(default=None, description="days of footage the volume holds")
@@ -689,7 +694,7 @@ class DiskEvent(EventBase):
 class ClockEvent(EventBase):
     """A clock offset crossed a threshold (box vs NTP, or a camera vs the box)."""
 
-    kind: Literal["clock"] = Field(default="clock", description="`clock`")
+    kind: Literal["clock"] = _tag("clock")
     level: Level = Field(description="new level")
     offset_s: Offset = Field(description="measured offset")
     camera: CameraId | None = Field(
@@ -715,7 +720,7 @@ def chain_head_payload(
 class ChainHead(EventBase):
     """The signed head of a camera's segment hash chain (every minute while recording)."""
 
-    kind: Literal["chain_head"] = Field(default="chain_head", description="`chain_head`")
+    kind: Literal["chain_head"] = _tag("chain_head")
     camera: CameraId = Field(description="camera id")
     segment_seq: Count = Field(description="the camera's segment sequence number at the head")
     row_hash: Sha256Hex = Field(description="hash of that segment's index row (chain link)")
@@ -737,7 +742,7 @@ class Tombstone(EventBase):
     last one: the camera's chain continues from it, so the hub can tell expiry from deletion.
     """
 
-    kind: Literal["tombstone"] = Field(default="tombstone", description="`tombstone`")
+    kind: Literal["tombstone"] = _tag("tombstone")
     camera: CameraId = Field(description="camera id")
     first_seq: Count = Field(description="first segment sequence number removed")
     last_seq: Count = Field(description="last segment sequence number removed")
@@ -789,7 +794,7 @@ class Tombstone(EventBase):
 class RetentionEvent(EventBase):
     """Retention settings or a legal hold took effect (at start and on every change)."""
 
-    kind: Literal["retention"] = Field(default="retention", description="`retention`")
+    kind: Literal["retention"] = _tag("retention")
     camera: CameraId | None = Field(default=None, description="absent: applies to every camera")
     retention_days: int = Field(ge=1, le=3650, description="configured retention")
     legal_hold: bool = Field(description="expiry is suspended")
@@ -802,7 +807,7 @@ class RetentionEvent(EventBase):
 class Alarm(EventBase):
     """Anything else that needs a person (spool overflow, disk full inside the floor...)."""
 
-    kind: Literal["alarm"] = Field(default="alarm", description="`alarm`")
+    kind: Literal["alarm"] = _tag("alarm")
     code: Code = Field(description="machine code, e.g. `spool_overflow`, `retention_floor`")
     level: Literal["warning", "critical"] = Field(description="severity")
     active: bool = Field(description="true: raised; false: cleared")
@@ -813,7 +818,7 @@ class Alarm(EventBase):
 class AgentStarted(EventBase):
     """The agent started; says how the previous run ended and what start-up repaired."""
 
-    kind: Literal["agent_started"] = Field(default="agent_started", description="`agent_started`")
+    kind: Literal["agent_started"] = _tag("agent_started")
     agent_version: Version = Field(description="edge agent software version")
     clean_shutdown: bool | None = Field(
         default=None,
@@ -896,30 +901,28 @@ class SetLegalHoldArgs(_Strict):
 class Rescan(CommandBase):
     """Rediscover cameras now."""
 
-    command: Literal["rescan"] = Field(default="rescan", description="`rescan`")
+    command: Literal["rescan"] = _tag("rescan")
     args: RescanArgs = Field(default_factory=RescanArgs, description="`{}`")
 
 
 class Snapshot(CommandBase):
     """Reply with a JPEG of the camera's last keyframe (`result.jpeg`, base64)."""
 
-    command: Literal["snapshot"] = Field(default="snapshot", description="`snapshot`")
+    command: Literal["snapshot"] = _tag("snapshot")
     args: SnapshotArgs = Field(description="arguments")
 
 
 class OpenTunnel(CommandBase):
     """Dial the hub over WSS for live view, playback or snapshots."""
 
-    command: Literal["open_tunnel"] = Field(default="open_tunnel", description="`open_tunnel`")
+    command: Literal["open_tunnel"] = _tag("open_tunnel")
     args: OpenTunnelArgs = Field(description="arguments")
 
 
 class SetLegalHold(CommandBase):
     """Set or lift a legal hold."""
 
-    command: Literal["set_legal_hold"] = Field(
-        default="set_legal_hold", description="`set_legal_hold`"
-    )
+    command: Literal["set_legal_hold"] = _tag("set_legal_hold")
     args: SetLegalHoldArgs = Field(description="arguments")
 
 
@@ -1033,11 +1036,7 @@ class Outgoing(NamedTuple):
 
 def decode(topic_name: str, payload: bytes | bytearray) -> Message:
     """Validate a received MQTT message against the contract; MessageError says why not."""
-    try:
-        kind = parse_topic(topic_name).kind
-    except TopicError as exc:
-        raise MessageError(exc.reason, str(exc)) from None
-    return decode_payload(kind, payload)
+    return decode_delivery(topic_name, payload).message
 
 
 def decode_delivery(topic_name: str, payload: bytes | bytearray) -> Delivery:

@@ -57,7 +57,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol, Self, TypeAlias
+from typing import BinaryIO, Protocol, Self, TypeAlias, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -295,11 +295,7 @@ class RecipientPublicKey:
     _hpke_key: _HpkePublic = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.raw) != _PUBLIC_SIZE[self.suite]:
-            raise KeyFileError(
-                f"a {self.suite.name} public key is {_PUBLIC_SIZE[self.suite]} bytes, "
-                f"not {len(self.raw)}"
-            )
+        _check_size("public", self.suite, self.raw, _PUBLIC_SIZE)
         key: _HpkePublic
         try:
             if self.suite is SealSuite.X25519:
@@ -325,10 +321,7 @@ class RecipientPublicKey:
     @classmethod
     def from_pem(cls, text: str) -> RecipientPublicKey:
         """Parse ``to_pem()`` output; raises ``KeyFileError`` with the reason."""
-        suite, key_id, raw = _from_pem("PUBLIC", text)
-        key = cls(suite, raw)
-        _check_key_id(key_id, key.key_id)
-        return key
+        return _key_from_pem(cls, "PUBLIC", text)
 
 
 @dataclass(frozen=True)
@@ -344,11 +337,7 @@ class RecipientPrivateKey:
     _public: RecipientPublicKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if len(self.raw) != _PRIVATE_SIZE[self.suite]:
-            raise KeyFileError(
-                f"a {self.suite.name} private key is {_PRIVATE_SIZE[self.suite]} bytes, "
-                f"not {len(self.raw)}"
-            )
+        _check_size("private", self.suite, self.raw, _PRIVATE_SIZE)
         key: _HpkePrivate
         if self.suite is SealSuite.X25519:
             key = x25519.X25519PrivateKey.from_private_bytes(self.raw)
@@ -376,10 +365,7 @@ class RecipientPrivateKey:
     @classmethod
     def from_pem(cls, text: str) -> RecipientPrivateKey:
         """Parse ``to_pem()`` output; the Key-Id line must match the key."""
-        suite, key_id, raw = _from_pem("PRIVATE", text)
-        key = cls(suite, raw)
-        _check_key_id(key_id, key.key_id)
-        return key
+        return _key_from_pem(cls, "PRIVATE", text)
 
 
 def generate_private_key(suite: SealSuite = DEFAULT_SUITE) -> RecipientPrivateKey:
@@ -443,11 +429,23 @@ def _from_pem(kind: str, text: str) -> tuple[SealSuite, str, bytes]:
     return suite, headers["key-id"], raw
 
 
-def _check_key_id(stated: str, actual: str) -> None:
-    if stated.lower() != actual:
+def _check_size(kind: str, suite: SealSuite, raw: bytes, sizes: dict[SealSuite, int]) -> None:
+    if len(raw) != sizes[suite]:
+        raise KeyFileError(f"a {suite.name} {kind} key is {sizes[suite]} bytes, not {len(raw)}")
+
+
+_Key = TypeVar("_Key", "RecipientPublicKey", "RecipientPrivateKey")
+
+
+def _key_from_pem(cls: type[_Key], kind: str, text: str) -> _Key:
+    """Parse a key file of `kind`; its Key-Id line must match the key it holds."""
+    suite, stated, raw = _from_pem(kind, text)
+    key = cls(suite, raw)
+    if stated.lower() != key.key_id:
         raise KeyFileError(
-            f"Key-Id {stated} does not match the key ({actual}): the key file is corrupted"
+            f"Key-Id {stated} does not match the key ({key.key_id}): the key file is corrupted"
         )
+    return key
 
 
 def _write_key_file(path: str | os.PathLike[str], text: str, mode: int, overwrite: bool) -> None:

@@ -619,12 +619,8 @@ _FRAGMENT_BOXES = frozenset({b"moof", b"styp", b"sidx", b"prft", b"emsg"})
 
 def encode_init(request_id: int, segment_seq: int, data: bytes) -> bytes:
     """An INIT frame."""
-    _check_id(request_id)
-    _check_payload(data, MAX_INIT_BYTES, "init segment")
-    return (
-        _HEADER.pack(PROTOCOL_VERSION, FrameKind.INIT, request_id)
-        + _INIT_META.pack(segment_seq)
-        + data
+    return _encode(
+        FrameKind.INIT, request_id, data, MAX_INIT_BYTES, "init segment", _INIT_META, segment_seq
     )
 
 
@@ -632,28 +628,38 @@ def encode_fragment(
     request_id: int, seq: int, segment_seq: int, wall: float, keyframe: bool, data: bytes
 ) -> bytes:
     """A FRAGMENT frame."""
-    _check_id(request_id)
-    _check_payload(data, MAX_FRAGMENT_BYTES, "fragment")
-    meta = _FRAGMENT_META.pack(seq, segment_seq, wall, _FLAG_KEYFRAME if keyframe else 0)
-    return _HEADER.pack(PROTOCOL_VERSION, FrameKind.FRAGMENT, request_id) + meta + data
+    flags = _FLAG_KEYFRAME if keyframe else 0
+    return _encode(
+        FrameKind.FRAGMENT, request_id, data, MAX_FRAGMENT_BYTES, "fragment",
+        _FRAGMENT_META, seq, segment_seq, wall, flags,
+    )  # fmt: skip
 
 
 def encode_chunk(request_id: int, offset: int, data: bytes) -> bytes:
     """A CHUNK frame."""
-    _check_id(request_id)
-    _check_payload(data, CHUNK_BYTES, "chunk")
-    return (
-        _HEADER.pack(PROTOCOL_VERSION, FrameKind.CHUNK, request_id)
-        + _CHUNK_META.pack(offset)
-        + data
-    )
+    return _encode(FrameKind.CHUNK, request_id, data, CHUNK_BYTES, "chunk", _CHUNK_META, offset)
 
 
 def encode_snapshot(request_id: int, data: bytes) -> bytes:
     """A SNAPSHOT frame."""
+    return _encode(FrameKind.SNAPSHOT, request_id, data, MAX_SNAPSHOT_BYTES, "snapshot")
+
+
+def _encode(
+    kind: FrameKind,
+    request_id: int,
+    data: bytes,
+    limit: int,
+    what: str,
+    layout: struct.Struct | None = None,
+    *meta: Any,
+) -> bytes:
+    """Header, the kind's fields (`meta` packed with `layout`), payload; the id and payload
+    are checked before anything is packed."""
     _check_id(request_id)
-    _check_payload(data, MAX_SNAPSHOT_BYTES, "snapshot")
-    return _HEADER.pack(PROTOCOL_VERSION, FrameKind.SNAPSHOT, request_id) + data
+    _check_payload(data, limit, what)
+    fields = layout.pack(*meta) if layout is not None else b""
+    return _HEADER.pack(PROTOCOL_VERSION, kind, request_id) + fields + data
 
 
 def decode_frame(frame: bytes) -> Frame:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pyotp
 import pytest
 from aiohttp import web
-from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ec
@@ -25,6 +24,7 @@ from central_hub.policy import Scope
 from central_hub.sites import sites
 from central_hub.web_auth import AUTH, setup_auth
 from devstack.ports import free_port
+from tests.chromium import start_chromium
 
 PASSWORD = "mật-khẩu-quản-trị-2025"
 NEW_PASSWORD = "mật-khẩu-của-An-2025"
@@ -96,19 +96,7 @@ def hub(tmp_path: Path) -> Iterator[tuple[str, web.Application]]:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                # Nothing but loopback: any other host name fails to resolve.
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-                f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"), options=opts
-    )
-    driver.set_page_load_timeout(30)
+    driver = start_chromium(tmp_path)
     yield driver
     driver.quit()
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -25,6 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from central_hub import i18n
 from edge_agent.recorder import RecorderConfig
+from tests.chromium import start_chromium
 from tests.test_central_hub_viewing import PASSWORD, SITE, Rig, start_rig
 
 T = TypeVar("T")
@@ -72,19 +72,9 @@ class RigThread:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                "--autoplay-policy=no-user-gesture-required", "--window-size=1280,1000",
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
-                f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(
-        service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"), options=opts
+    driver = start_chromium(
+        tmp_path, "--autoplay-policy=no-user-gesture-required", "--window-size=1280,1000"
     )
-    driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
 

@@ -49,12 +49,13 @@ from central_hub.viewing import (
 from central_hub.web_auth import AUTH, setup_auth
 from devstack.ports import free_port
 from devstack.waiting import until as poll
-from edge_agent.recorder import CameraRecorder, LiveTap, RecorderConfig
+from edge_agent.recorder import CameraRecorder, RecorderConfig
 from edge_agent.segment_store import SegmentStore
 from edge_agent.tunnel import serve_tunnel
 from sitelink.messages import OpenTunnel
 from sitelink.sealed_segment import RecipientPrivateKey, generate_private_key, unseal_to
 from sitelink.signing import load_public_key_pem, public_key_pem
+from tests.test_tunnel import EdgeBox  # the same box: real store, recorders, device key
 
 SITE = "hn-yte-1"  # Hà Nội: the site whose box records the simulator's cameras
 OTHER = "cb-yte-1"  # Cao Bằng
@@ -66,32 +67,6 @@ CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
 
 # --------------------------------------------------------------------------------------------
 # The rig: edge box + hub, all real
-
-
-@dataclass
-class EdgeBox:
-    """What the edge daemon lends `serve_tunnel`: real store, real recorders, the device key."""
-
-    site_id: str
-    device_key: Ed25519PrivateKey
-    segment_store: SegmentStore
-    recorders: dict[str, CameraRecorder] = field(default_factory=dict)
-
-    def live_tap(self, camera: str) -> LiveTap | None:
-        rec = self.recorders.get(camera)
-        return rec.tap if rec is not None else None
-
-    def snapshot(self, camera: str) -> bytes | None:
-        """JPEG of the newest keyframe in the camera's live tap."""
-        tap = self.live_tap(camera)
-        keyed = [f for f in tap.latest() if f.keyframe] if tap is not None else []
-        if not keyed:
-            return None
-        with av.open(io.BytesIO(keyed[-1].init + keyed[-1].data)) as container:
-            frame = next(container.decode(video=0))
-        ok, jpeg = cv2.imencode(".jpg", frame.to_ndarray(format="bgr24"))
-        assert ok
-        return bytes(jpeg.tobytes())
 
 
 @dataclass
@@ -276,6 +251,14 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     await r.stop()
 
 
+@pytest.fixture
+async def cam(simulator_factory: Callable[..., Any], rig: Rig) -> str:
+    """Id of a simulator camera the rig's box records (4 s segments)."""
+    sim = simulator_factory(cameras=1)
+    await rig.record(sim.cameras, FAST_SEGMENTS)
+    return str(sim.cameras[0]["id"])
+
+
 async def _read_live(
     ws: aiohttp.ClientWebSocketResponse, fragments: int
 ) -> tuple[bytes, list[dict[str, Any]], bytes]:
@@ -306,11 +289,8 @@ async def _read_live(
 
 
 async def test_live_relays_fmp4_to_several_viewers_over_one_upstream_and_audits_start_stop(
-    simulator_factory: Callable[..., Any], rig: Rig
+    cam: str, rig: Rig
 ) -> None:
-    sim = simulator_factory(cameras=1)
-    await rig.record(sim.cameras, FAST_SEGMENTS)
-    cam = sim.cameras[0]["id"]
     viewer, _ = rig.user("xem@hanoi.gov.vn", "viewer", "province=Hà Nội")
     a, b = rig.client(viewer), rig.client(viewer)
     try:
@@ -473,11 +453,8 @@ async def test_playback_lists_segments_and_gaps_and_serves_them_unsealed_in_memo
 
 
 async def test_revocation_ends_live_and_playback_at_once_and_closes_the_browser_stream(
-    simulator_factory: Callable[..., Any], rig: Rig
+    cam: str, rig: Rig
 ) -> None:
-    sim = simulator_factory(cameras=1)
-    await rig.record(sim.cameras, FAST_SEGMENTS)
-    cam = sim.cameras[0]["id"]
     viewer, _ = rig.user("xem@hanoi.gov.vn", "viewer", "province=Hà Nội")
     other, _ = rig.user("xem2@hanoi.gov.vn", "viewer", "province=Hà Nội")
     logged_out, kept, regranted = rig.client(viewer), rig.client(other), rig.client(other)
@@ -525,12 +502,7 @@ async def test_revocation_ends_live_and_playback_at_once_and_closes_the_browser_
     assert rig.viewing.sessions == {}
 
 
-async def test_snapshots_are_authorized_audited_and_rate_limited(
-    simulator_factory: Callable[..., Any], rig: Rig
-) -> None:
-    sim = simulator_factory(cameras=1)
-    await rig.record(sim.cameras, FAST_SEGMENTS)
-    cam = sim.cameras[0]["id"]
+async def test_snapshots_are_authorized_audited_and_rate_limited(cam: str, rig: Rig) -> None:
     viewer, _ = rig.user("xem@hanoi.gov.vn", "viewer", "province=Hà Nội")
     c = rig.client(viewer)
     try:

@@ -655,15 +655,12 @@ def test_chain_heads_and_tombstones_verify_with_the_device_key_after_the_trip() 
     kid = m.key_id_for(raw)
     when = 1_719_800_000.0  # integral: signed and decoded as a float all the same
     head_payload = m.canonical_json(m.chain_head_payload(SITE, "cam-01", 1440, HASH, int(when)))
-    head = m.ChainHead(
-        seq=8,
-        ts=NOW,
-        camera="cam-01",
-        segment_seq=1440,
-        row_hash=HASH,
-        time=when,
-        key_id=kid,
-        signature=base64.b64encode(key.sign(head_payload)).decode(),
+    head = samples()[11].model_copy(
+        update={
+            "time": when,
+            "key_id": kid,
+            "signature": base64.b64encode(key.sign(head_payload)).decode(),
+        }
     )
     unsigned = samples()[12]
     assert isinstance(unsigned, m.Tombstone)
@@ -753,6 +750,16 @@ def opt(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 def lit(alias: Any) -> st.SearchStrategy[Any]:
     return st.sampled_from(get_args(alias))
+
+
+def event(model: type[m.EventBase], **fields: Any) -> st.SearchStrategy[Any]:
+    """Events of `model`: any `seq` and `ts`, the other fields from `fields`."""
+    return st.builds(model, seq=seqs, ts=ts, **fields)
+
+
+def command(model: type[m.CommandBase], **fields: Any) -> st.SearchStrategy[Any]:
+    """Commands of `model`: any `ts` and `id`, the other fields from `fields`."""
+    return st.builds(model, ts=ts, id=request_ids, **fields)
 
 
 profiles = st.builds(
@@ -932,46 +939,21 @@ messages = st.one_of(
         cameras=st.lists(cameras(), max_size=3, unique_by=lambda c: c.id),
     ),
     st.builds(m.Health, ts=ts, site=site_healths, cameras=st.lists(camera_healths, max_size=3)),
-    st.builds(
-        m.CameraDown,
-        seq=seqs,
-        ts=ts,
-        camera=camera_ids,
-        cause=lit(m.Cause),
-        detail=opt(details),
-    ),
-    st.builds(m.CameraUp, seq=seqs, ts=ts, camera=camera_ids, down_since=opt(ts)),
-    st.builds(m.GapOpened, seq=seqs, ts=ts, camera=camera_ids, start=ts, cause=lit(m.Cause)),
+    event(m.CameraDown, camera=camera_ids, cause=lit(m.Cause), detail=opt(details)),
+    event(m.CameraUp, camera=camera_ids, down_since=opt(ts)),
+    event(m.GapOpened, camera=camera_ids, start=ts, cause=lit(m.Cause)),
     gap_closed(),
-    st.builds(
+    event(
         m.ImageFaultEvent,
-        seq=seqs,
-        ts=ts,
         camera=camera_ids,
         fault=lit(m.ImageFault),
         active=st.booleans(),
         measured=st.dictionaries(metric_names, st.floats(-1e12, 1e12), max_size=16),
     ),
-    st.builds(
-        m.DiskEvent,
-        seq=seqs,
-        ts=ts,
-        level=lit(m.Level),
-        free_bytes=counts,
-        forecast_days=opt(st.floats(0, 1e6)),
-    ),
-    st.builds(
-        m.ClockEvent,
-        seq=seqs,
-        ts=ts,
-        level=lit(m.Level),
-        offset_s=offsets,
-        camera=opt(camera_ids),
-    ),
-    st.builds(
+    event(m.DiskEvent, level=lit(m.Level), free_bytes=counts, forecast_days=opt(st.floats(0, 1e6))),
+    event(m.ClockEvent, level=lit(m.Level), offset_s=offsets, camera=opt(camera_ids)),
+    event(
         m.ChainHead,
-        seq=seqs,
-        ts=ts,
         camera=camera_ids,
         segment_seq=counts,
         row_hash=hexes,
@@ -980,45 +962,35 @@ messages = st.one_of(
         signature=sigs,
     ),
     tombstones(),
-    st.builds(
+    event(
         m.RetentionEvent,
-        seq=seqs,
-        ts=ts,
         camera=opt(camera_ids),
         retention_days=st.integers(1, 3650),
         legal_hold=st.booleans(),
         below_legal_minimum=st.booleans(),
         reason=opt(details),
     ),
-    st.builds(
+    event(
         m.Alarm,
-        seq=seqs,
-        ts=ts,
         code=codes,
         level=st.sampled_from(["warning", "critical"]),
         active=st.booleans(),
         message=details,
         camera=opt(camera_ids),
     ),
-    st.builds(
+    event(
         m.AgentStarted,
-        seq=seqs,
-        ts=ts,
         agent_version=versions,
         clean_shutdown=opt(st.booleans()),
         recovered=st.dictionaries(metric_names, counts, max_size=16),
     ),
-    st.builds(m.Rescan, ts=ts, id=request_ids),
-    st.builds(
+    command(m.Rescan),
+    command(
         m.Snapshot,
-        ts=ts,
-        id=request_ids,
         args=st.builds(m.SnapshotArgs, camera=camera_ids, max_width=opt(st.integers(16, 3840))),
     ),
-    st.builds(
+    command(
         m.OpenTunnel,
-        ts=ts,
-        id=request_ids,
         args=st.builds(
             m.OpenTunnelArgs,
             hub_url=st.sampled_from(["wss://hub.example.vn/t", "ws://127.0.0.1:9000/t"]),

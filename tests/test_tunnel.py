@@ -202,6 +202,16 @@ def viewing_key() -> RecipientPrivateKey:
     return generate_private_key()
 
 
+@pytest.fixture
+async def cam(
+    simulator_factory: Callable[..., Any], box: EdgeBox, viewing_key: RecipientPrivateKey
+) -> str:
+    """Id of a simulator camera that site A's box records (it has delivered a fragment)."""
+    sim = simulator_factory(cameras=1)
+    await _record(box, sim.cameras, viewing_key)
+    return str(sim.cameras[0]["id"])
+
+
 async def _record(
     box: EdgeBox, cameras: list[dict[str, Any]], key: RecipientPrivateKey
 ) -> list[CameraRecorder]:
@@ -235,12 +245,7 @@ def _decode_frames(data: bytes) -> int:
 # Live
 
 
-async def test_live_fragments_flow_and_viewers_share_one_upstream(
-    simulator_factory: Callable[..., Any], box: EdgeBox, hub: Hub, viewing_key: RecipientPrivateKey
-) -> None:
-    sim = simulator_factory(cameras=1)
-    await _record(box, sim.cameras, viewing_key)
-    cam = sim.cameras[0]["id"]
+async def test_live_fragments_flow_and_viewers_share_one_upstream(cam: str, hub: Hub) -> None:
     got: dict[str, list[Any]] = {"u1": [], "u2": []}
     hub.broker.viewer_queue = 2  # so that a viewer who stops reading falls behind quickly
     async with (
@@ -275,11 +280,8 @@ async def test_live_fragments_flow_and_viewers_share_one_upstream(
 
 
 async def test_revoke_ends_a_live_stream_at_once_and_leaves_other_viewers(
-    simulator_factory: Callable[..., Any], box: EdgeBox, hub: Hub, viewing_key: RecipientPrivateKey
+    cam: str, hub: Hub
 ) -> None:
-    sim = simulator_factory(cameras=1)
-    await _record(box, sim.cameras, viewing_key)
-    cam = sim.cameras[0]["id"]
     async with asyncio.timeout(60):
         async with (
             hub.broker.live(SITE, cam, user="u1", session="s1") as revoked,
@@ -306,11 +308,8 @@ async def test_revoke_ends_a_live_stream_at_once_and_leaves_other_viewers(
 
 
 async def test_snapshots_are_coalesced_per_camera_and_decode(
-    simulator_factory: Callable[..., Any], box: EdgeBox, hub: Hub, viewing_key: RecipientPrivateKey
+    cam: str, box: EdgeBox, hub: Hub
 ) -> None:
-    sim = simulator_factory(cameras=1)
-    await _record(box, sim.cameras, viewing_key)
-    cam = sim.cameras[0]["id"]
     async with asyncio.timeout(60):
         await _poll(lambda: any(f.keyframe for f in box.recorders[cam].tap.latest()))
         jpegs = await asyncio.gather(*(hub.broker.snapshot(SITE, cam) for _ in range(5)))

@@ -57,6 +57,51 @@
     return sb && sb.buffered.length ? sb.buffered.end(sb.buffered.length - 1) : null;
   }
 
+  // Both players: a MediaSource on the <video>, connect() once it is open, tick() at 4 Hz.
+  function startPlayer(player) {
+    player.ended = false;
+    player.ms = new MediaSource();
+    player.video.src = URL.createObjectURL(player.ms);
+    player.ms.addEventListener("sourceopen", player.connect.bind(player), { once: true });
+    setInterval(player.tick.bind(player), 250);
+  }
+
+  // The player's WebSocket (data-ws); when it closes, the status says why. `keepUnsupported`:
+  // a stream the browser cannot decode keeps saying so after the close.
+  function openSocket(player, keepUnsupported) {
+    player.status.set("connecting");
+    var ws = (player.ws = new WebSocket(wsUrl(player.root.dataset.ws)));
+    ws.onclose = function (event) {
+      var status = player.status;
+      player.ended = true;
+      if (event.code === CLOSE_REVOKED) {
+        status.set("revoked");
+        stopVideo(player.video);
+      } else if (event.code === CLOSE_UNAVAILABLE || event.code === 1006) {
+        status.set("unavailable");
+      } else if (!keepUnsupported || !status.el || status.el.dataset.state !== "unsupported") {
+        status.set("ended");
+      }
+      player.root.dataset.closeCode = String(event.code);
+    };
+    window.addEventListener("pagehide", function () {
+      ws.close(1000);
+    });
+    return ws;
+  }
+
+  // The SourceBuffer for `mime`: created on first use, switched when the codec changes.
+  function useMime(player, mime) {
+    if (!player.sb) {
+      player.sb = player.ms.addSourceBuffer(mime);
+      player.sb.mode = "segments";
+      player.sb.addEventListener("updateend", player.updated.bind(player));
+    } else if (mime !== player.mime && player.sb.changeType) {
+      player.sb.changeType(mime);
+    }
+    player.mime = mime;
+  }
+
   // ------------------------------------------------------------------------------------------
   // Live
 
@@ -75,18 +120,13 @@
     this.marks = [];
     this.fragments = 0;
     this.latency = null;
-    this.ended = false;
-    this.ms = new MediaSource();
-    this.video.src = URL.createObjectURL(this.ms);
-    this.ms.addEventListener("sourceopen", this.connect.bind(this), { once: true });
-    setInterval(this.tick.bind(this), 250);
+    startPlayer(this);
     window.isocamViewer = this;
   }
 
   LivePlayer.prototype.connect = function () {
     var self = this;
-    this.status.set("connecting");
-    var ws = (this.ws = new WebSocket(wsUrl(this.root.dataset.ws)));
+    var ws = openSocket(this, true);
     ws.binaryType = "arraybuffer";
     ws.onmessage = function (event) {
       if (typeof event.data === "string") {
@@ -97,21 +137,6 @@
       self.queue.push(parseRecord(event.data));
       self.pump();
     };
-    ws.onclose = function (event) {
-      self.ended = true;
-      if (event.code === CLOSE_REVOKED) {
-        self.status.set("revoked");
-        stopVideo(self.video);
-      } else if (event.code === CLOSE_UNAVAILABLE || event.code === 1006) {
-        self.status.set("unavailable");
-      } else if (self.status.el && self.status.el.dataset.state !== "unsupported") {
-        self.status.set("ended");
-      }
-      self.root.dataset.closeCode = String(event.code);
-    };
-    window.addEventListener("pagehide", function () {
-      ws.close(1000);
-    });
   };
 
   LivePlayer.prototype.pump = function () {
@@ -126,14 +151,7 @@
           this.ws.close(1000);
           return;
         }
-        if (!this.sb) {
-          this.sb = this.ms.addSourceBuffer(mime);
-          this.sb.mode = "segments";
-          this.sb.addEventListener("updateend", this.updated.bind(this));
-        } else if (mime !== this.mime && this.sb.changeType) {
-          this.sb.changeType(mime);
-        }
-        this.mime = mime;
+        useMime(this, mime);
         this.newSegment = true; // a new recorder segment: its timestamps start again
         this.sb.appendBuffer(item.payload);
       } else if (item.kind === 2 && this.sb) {
@@ -249,37 +267,17 @@
     this.sb = null;
     this.mime = null;
     this.pendingSeek = null;
-    this.ended = false;
-    this.ms = new MediaSource();
-    this.video.src = URL.createObjectURL(this.ms);
-    this.ms.addEventListener("sourceopen", this.connect.bind(this), { once: true });
-    setInterval(this.tick.bind(this), 250);
+    startPlayer(this);
     window.isocamPlayer = this;
   }
 
   PlaybackPlayer.prototype.connect = function () {
     var self = this;
-    this.status.set("connecting");
-    var ws = (this.ws = new WebSocket(wsUrl(this.root.dataset.ws)));
+    var ws = openSocket(this, false);
     ws.onmessage = function (event) {
       var msg = JSON.parse(event.data);
       if (msg.type === "listing") self.listed(msg);
     };
-    ws.onclose = function (event) {
-      self.ended = true;
-      if (event.code === CLOSE_REVOKED) {
-        self.status.set("revoked");
-        stopVideo(self.video);
-      } else if (event.code === CLOSE_UNAVAILABLE || event.code === 1006) {
-        self.status.set("unavailable");
-      } else {
-        self.status.set("ended");
-      }
-      self.root.dataset.closeCode = String(event.code);
-    };
-    window.addEventListener("pagehide", function () {
-      ws.close(1000);
-    });
   };
 
   PlaybackPlayer.prototype.listed = function (msg) {
@@ -407,14 +405,7 @@
       this.status.set("unsupported");
       return;
     }
-    if (!this.sb) {
-      this.sb = this.ms.addSourceBuffer(mime);
-      this.sb.mode = "segments";
-      this.sb.addEventListener("updateend", this.updated.bind(this));
-    } else if (mime !== this.mime && this.sb.changeType) {
-      this.sb.changeType(mime);
-    }
-    this.mime = mime;
+    useMime(this, mime);
     this.sb.timestampOffset = item.seg.start - this.range.start;
     this.appending = item.seg;
     this.sb.appendBuffer(item.data);
