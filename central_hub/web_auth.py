@@ -327,6 +327,7 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
         "audit": can(principal, "view_audit", None, now),
         "board": can(principal, "view_status", None, now),
         "tickets": can(principal, "manage_tickets", None, now),
+        "uptime": can(principal, "view_outages", None, now),
         "export": can(principal, "export_request", None, now)
         or can(principal, "export_approve", None, now),
     }

@@ -16,6 +16,7 @@ import pytest
 
 from central_hub import i18n
 from central_hub.board import PERIODS, fault_text, fmt_duration
+from central_hub.board_uptime import PERIOD_DAYS as UPTIME_PERIODS
 from central_hub.sites_cli import enroll_site
 from central_hub.web_auth import TEMPLATES_DIR
 from tests.test_central_hub_api import CSRF_RE, Board, start_board, ticket_ids
@@ -242,7 +243,9 @@ def test_every_board_text_exists_in_both_languages() -> None:
         for v in ("open", "acknowledged", "assigned", "note", "resolved", "closed")
     }
     needed |= {"board.ticket.invalid", "board.ticket.still_out", "board.ticket.refused"}
-    assert set(dynamic) <= {"board.by_", "board.", "board.period."}
+    needed |= {f"uptime.period.{p}" for p in (*UPTIME_PERIODS, "custom")}
+    needed |= {f"uptime.error.{e}" for e in ("date", "order", "future", "too_long")}
+    assert set(dynamic) <= {"board.by_", "board.", "board.period.", "uptime.period."}
     assert not needed - set(i18n.MESSAGES), needed - set(i18n.MESSAGES)
     for key in needed | used:
         vi, en = i18n.MESSAGES[key]

@@ -1,4 +1,4 @@
-/* isocam NOC board: live alerts, region refresh and the outage timeline chart.
+/* isocam NOC board: live alerts, region refresh, the outage timeline chart, the uptime form.
  *
  * No framework and no CDN (the CSP allows scripts from this origin only, and no inline code).
  * - Alerts arrive on the WebSocket /api/alerts, already filtered to the user's scope by the
@@ -6,7 +6,8 @@
  *   regions marked data-live whose HTML changed are swapped in place (the server renders them,
  *   so the browser never holds more than what one page shows). A region holding the focused
  *   form field is left alone so typing is never lost. A slow refresh every 30 s covers alerts
- *   lost while disconnected.
+ *   lost while disconnected. The re-read says so (X-Board-Refresh: 1): the server may then
+ *   leave out a slow-moving region (the site's uptime), which the page simply keeps.
  * - The outage timeline (.timeline[data-src]) is drawn as SVG from the JSON API.
  * Texts come from data-t-* attributes rendered by the server in the page's language.
  */
@@ -80,7 +81,8 @@
     refreshing = true;
     lastRefresh = Date.now();
     fetch(window.location.href, {
-      credentials: "same-origin", headers: { "Accept": "text/html" }, cache: "no-store"
+      credentials: "same-origin", headers: { "Accept": "text/html", "X-Board-Refresh": "1" },
+      cache: "no-store"
     }).then(function (resp) {
       if (resp.redirected && resp.url.indexOf("/login") >= 0) { sessionEnded(); return null; }
       if (!resp.ok) { return null; }
@@ -278,4 +280,18 @@
   drawCharts(document);
   connect();
   window.setInterval(function () { if (!document.hidden) { schedule(); } }, SLOW_REFRESH_MS);
+})();
+
+/* The uptime page's period form: typing a date means "custom dates" (without this script the
+ * user picks "custom" in the list; the server ignores the dates for the named periods). */
+(function () {
+  "use strict";
+
+  var form = document.getElementById("uptime-filters");
+  if (!form) { return; }
+  var period = form.querySelector("select[name=period]");
+  var dates = form.querySelectorAll("input[type=date]");
+  for (var i = 0; i < dates.length; i++) {
+    dates[i].addEventListener("change", function () { if (period) { period.value = "custom"; } });
+  }
 })();
