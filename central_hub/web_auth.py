@@ -13,8 +13,9 @@
    Without a valid token: 403.
 
 and the pages: login (password, then TOTP), TOTP enrolment, logout, registration, activation,
-the administrators' propose/approve/reject and disable pages, the auditor's log page, and
-``/me/sites``. Security headers (CSP without inline scripts or external origins, no-referrer,
+the administrators' propose/approve/reject and disable pages, the auditor's log page,
+``/me/sites``, and ``/`` (where a login lands: the board for those allowed it, else
+``/me/sites``). Security headers (CSP without inline scripts or external origins, no-referrer,
 no framing, no-store) go on every response; cookies are HttpOnly, SameSite=Strict, and Secure
 when served over https (``auth.cookie_secure`` overrides the detection, e.g. for loopback tests
 or behind a TLS proxy).
@@ -95,7 +96,7 @@ class AuthService:
     audit: AuditLog
     templates: jinja2.Environment
     secret: bytes
-    home: str = "/me/sites"
+    home: str = "/"
 
 
 AUTH: web.AppKey[AuthService] = web.AppKey("isocam_auth", AuthService)
@@ -144,7 +145,7 @@ def setup_auth(
     *,
     audit: AuditLog | None = None,
     store: AccountStore | None = None,
-    home: str = "/me/sites",
+    home: str = "/",
 ) -> AuthService:
     """Install sessions, CSRF, security headers, error pages and the auth pages on `app`.
 
@@ -178,6 +179,7 @@ def setup_auth(
     r.add_post("/logout", logout)
     r.add_get("/me/totp", enrol_page)
     r.add_post("/me/totp", enrol_submit)
+    r.add_get("/", home_page)
     r.add_get("/me/sites", my_sites)
     r.add_get("/register", register_page)
     r.add_post("/register", register_submit)
@@ -343,6 +345,8 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
         csrf_token=csrf_token(request),
         nav=nav,
         path=request.path,
+        # The same page in the other language, its query (period, filters) kept.
+        lang_switch_url=str(request.rel_url.update_query(lang="en" if lang == "vi" else "vi")),
         static=lambda name: str(request.app.router["isocam_static"].url_for(filename=name)),
         fmt_time=_fmt_time,
         role_text=lambda r: role_text(r, lang),
@@ -734,6 +738,15 @@ def _my_sites_rows(principal: Principal, db: Database) -> list[dict[str, Any]]:
     )
     with db.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
+
+
+async def home_page(request: web.Request) -> web.StreamResponse:
+    """Where a login lands: the NOC board for those allowed it (when the hub serves one),
+    otherwise the list of sites the user may see."""
+    principal = require_login(request)
+    if "board" in request.app.router and can(principal, "view_status", None, time.time()):
+        raise web.HTTPSeeOther("/board")
+    raise web.HTTPSeeOther("/me/sites")
 
 
 async def my_sites(request: web.Request) -> web.StreamResponse:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
+from html import unescape
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
@@ -258,3 +259,28 @@ def test_docs_list_every_api_route() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "board.md").read_text("utf-8")
     missing = [f"{r.method} {r.path}" for r in ROUTES if f"`{r.method} {r.path}`" not in text]
     assert missing == []
+
+
+async def test_a_login_lands_on_the_board_when_allowed_else_on_my_sites(board: Board) -> None:
+    board.user("noc@vnpt.gov.vn", "noc", "nation")
+    board.user("audit@bocongan.gov.vn", "auditor", "nation")
+    await board.login("noc@vnpt.gov.vn")
+    home = await board.client.get("/", allow_redirects=False)
+    assert (home.status, home.headers["Location"]) == (303, "/board")
+    await board.login("audit@bocongan.gov.vn")
+    home = await board.client.get("/", allow_redirects=False)
+    assert (home.status, home.headers["Location"]) == (303, "/me/sites")
+    board.client.session.cookie_jar.clear()
+    anonymous = await board.client.get("/", allow_redirects=False)
+    assert anonymous.status == 303 and anonymous.headers["Location"].startswith("/login")
+
+
+async def test_the_language_switch_keeps_the_pages_query(board: Board) -> None:
+    board.user("noc@vnpt.gov.vn", "noc", "nation")
+    await board.login("noc@vnpt.gov.vn")
+    html = await (await board.client.get("/board/uptime?period=7d&operator=vnpt")).text()
+    m = re.search(r'<a href="([^"]+)" id="lang-switch"', html)
+    assert m is not None
+    link = urlsplit(unescape(m.group(1)))
+    assert link.path == "/board/uptime"
+    assert parse_qs(link.query) == {"period": ["7d"], "operator": ["vnpt"], "lang": ["en"]}
