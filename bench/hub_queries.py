@@ -10,17 +10,27 @@ one province through `site_filter` (a provincial user). Target (issue 6): p95 �
 
 Baseline in the same run: `SELECT count(*) FROM cameras` — the cost of touching every camera
 row once, which the board's counts must stay well under.
+
+Uptime: the daily rollup (`central_hub.rollup`) is built for the synthetic ledger first (its
+first build is timed), then every uptime period is measured twice in the same run — straight
+from the ledger (`use_rollup=False`, the baseline) and through the rollup — and both must give
+the same figures. Periods: calendar-aligned (today so far, the last 7 and 30 days including
+today, as on /board/uptime) and rolling (the last 24 h, 7 d, 30 d, as the API's default); the
+queries run 30 s after the rollup was computed, as between two passes of its job.
+`--uptime-only` skips the other queries.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from central_hub import queries
 from central_hub.db import Database
+from central_hub.rollup import UptimeRollup, day_bounds, day_of, mark_dirty
 from central_hub.sites import sites
 from central_hub.status import camera_health, cameras, outages, site_state, tickets
 from devstack.postgres import Postgres
@@ -238,14 +249,96 @@ def measure(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
     return statistics.median(times), times[min(len(times) - 1, int(0.95 * len(times)))]
 
 
-def run(db: Database, repeat: int) -> list[tuple[str, str, float, float]]:
+def build_rollup(db: Database) -> None:
+    """The rollup's first build over the whole synthetic history, then what a pass costs when
+    nothing changed and when 20 sites' today changed (a busy minute)."""
+    job = UptimeRollup(db)
+    t = time.perf_counter()
+    stats = job.refresh(now=NOW)
+    print(
+        f"  rollup first build: {stats.rows} rows over {stats.days} days in "
+        f"{time.perf_counter() - t:.1f} s"
+    )
+    # Statistics for the planner, as after populate (PostgreSQL's autovacuum would do it).
+    with db.engine.connect() as conn:
+        conn.execute(sa.text("ANALYZE"))
+        conn.commit()
+    t = time.perf_counter()
+    job.refresh(now=NOW + 10)
+    print(f"  rollup pass, nothing changed: {(time.perf_counter() - t) * 1000:.0f} ms")
+    with db.engine.begin() as conn:
+        mark_dirty(
+            conn, [(f"site-{i:04d}", NOW - 600, None) for i in range(0, SITES, 100)], now=NOW
+        )
+    t = time.perf_counter()
+    stats = job.refresh(now=NOW + 20)
+    print(
+        f"  rollup pass, 20 sites' today changed: {stats.rows} rows in "
+        f"{(time.perf_counter() - t) * 1000:.0f} ms"
+    )
+
+
+def uptime_cases(
+    conn: Any, prov: Any
+) -> list[tuple[str, str, Callable[[], Any], Callable[[], Any]]]:
+    """(name, scope, ledger, rollup) for every uptime period measured."""
+    now = NOW + 30  # half a job interval after the rollup's last pass
+    midnight = day_bounds(day_of(now))[0]
+    windows = [
+        ("today (calendar)", midnight),
+        ("7 d (calendar)", midnight - 6 * 86400),
+        ("30 d (calendar)", midnight - 29 * 86400),
+        ("last 24 h", now - 86400),
+        ("last 7 d", now - 7 * 86400),
+        ("last 30 d", now - 30 * 86400),
+    ]
+    out: list[tuple[str, str, Callable[[], Any], Callable[[], Any]]] = []
+    for scope, level, where in (("nation", "province", None), ("province", "district", prov)):
+        for name, since in windows:
+
+            def call(
+                rollup: bool, since: float = since, level: Any = level, where: Any = where
+            ) -> Any:
+                return queries.uptime(
+                    conn,
+                    since=since,
+                    until=now,
+                    level=level,
+                    site_filter=where,
+                    now=now,
+                    use_rollup=rollup,
+                )
+
+            out.append(
+                (f"uptime({level}, {name})", scope, partial(call, False), partial(call, True))
+            )
+    return out
+
+
+def same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys()
+        and all(
+            math.isclose(x[k], y[k], rel_tol=1e-9, abs_tol=1e-6)
+            if isinstance(x[k], float) and isinstance(y[k], float)
+            else x[k] == y[k]
+            for k in x
+        )
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def run(
+    db: Database, repeat: int, uptime_only: bool = False
+) -> list[tuple[str, str, float, float]]:
     info = populate(db)
     print(
         f"  {SITES} sites, {SITES * CAMS_PER_SITE} cameras, {info['outages']} outages, "
         f"{info['tickets']} tickets"
     )
+    build_rollup(db)
     prov = sites.c.province == info["province"]
-    day, month = NOW - 86400, NOW - DAYS * 86400
+    month = NOW - DAYS * 86400
     conn = db.engine.connect()
     cases: list[tuple[str, str, Callable[[], Any]]] = [
         (
@@ -294,23 +387,6 @@ def run(db: Database, repeat: int) -> list[tuple[str, str, float, float]]:
             lambda: queries.list_tickets(conn, site_filter=prov, states=None, limit=50, now=NOW),
         ),
         (
-            "uptime(province, 1 d)",
-            "nation",
-            lambda: queries.uptime(conn, since=day, until=NOW, level="province", now=NOW),
-        ),
-        (
-            "uptime(province, 30 d)",
-            "nation",
-            lambda: queries.uptime(conn, since=month, until=NOW, level="province", now=NOW),
-        ),
-        (
-            "uptime(site, 30 d)",
-            "province",
-            lambda: queries.uptime(
-                conn, since=month, until=NOW, level="site", site_filter=prov, now=NOW
-            ),
-        ),
-        (
             "uptime(camera, 30 d, 1 site)",
             "nation",
             lambda: queries.uptime(
@@ -326,11 +402,29 @@ def run(db: Database, repeat: int) -> list[tuple[str, str, float, float]]:
             ),
         ),
     ]
+    plan = [] if uptime_only else [(name, scope, fn, repeat) for name, scope, fn in cases]
+    for name, scope, ledger, fast in uptime_cases(conn, prov):
+        assert same(ledger(), fast()), f"{name} ({scope}): the rollup differs from the ledger"
+        # The ledger's month nation-wide takes seconds: fewer runs there.
+        slow = "30 d" in name and scope == "nation"
+        plan.append((f"{name} ledger", scope, ledger, max(3, repeat // 4) if slow else repeat))
+        plan.append((f"{name} rollup", scope, fast, repeat))
     out = []
-    for name, scope, fn in cases:
-        p50, p95 = measure(fn, repeat)
+    for name, scope, fn, n in plan:
+        p50, p95 = measure(fn, n)
         out.append((name, scope, p50, p95))
-        print(f"  {name:32s} {scope:9s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms", flush=True)
+        print(f"  {name:44s} {scope:9s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms", flush=True)
+    # A busy minute: 10 sites' rows made dirty since the last pass; those sites are read from
+    # the ledger for the whole period, the rest from the rollup.
+    with db.engine.begin() as c:
+        mark_dirty(c, [(f"site-{i:04d}", NOW - 300, None) for i in range(7, SITES, 200)], now=NOW)
+    for name, scope, ledger, fast in uptime_cases(conn, prov):
+        if scope == "nation" and ("30 d" in name or "24 h" in name):
+            assert same(ledger(), fast()), f"{name}: the rollup differs from the ledger"
+            p50, p95 = measure(fast, repeat)
+            label = f"{name} rollup, 10 sites dirty"
+            out.append((label, scope, p50, p95))
+            print(f"  {label:44s} {scope:9s} p50 {p50:8.2f} ms  p95 {p95:8.2f} ms", flush=True)
     conn.close()
     return out
 
@@ -353,6 +447,7 @@ def main() -> None:
         help="Also set PRAGMA cache_size to this many MiB on SQLite connections (the hub's "
         "db.py leaves SQLite's 2 MiB default; docs/hub.md suggests 64).",
     )
+    ap.add_argument("--uptime-only", action="store_true", help="measure only uptime")
     args = ap.parse_args()
     results: dict[str, list[tuple[str, str, float, float]]] = {}
     if args.backend in ("sqlite", "both"):
@@ -363,14 +458,14 @@ def main() -> None:
                 print(f"  PRAGMA cache_size = {args.sqlite_cache_mib} MiB")
                 _cache_pragma(db, args.sqlite_cache_mib)
             db.migrate()
-            results["sqlite"] = run(db, args.repeat)
+            results["sqlite"] = run(db, args.repeat, args.uptime_only)
             db.close()
     if args.backend in ("postgresql", "both"):
         with Postgres() as pg:
             print("PostgreSQL (private server, fsync off)")
             db = Database.connect(pg.url)
             db.migrate()
-            results["postgresql"] = run(db, args.repeat)
+            results["postgresql"] = run(db, args.repeat, args.uptime_only)
             db.close()
     print()
     backends = list(results)

@@ -74,6 +74,7 @@ from central_hub.ledger import (
     set_monitoring,
 )
 from central_hub.mqtt_receiver import ReceiverError, ReceiverProcess, ReceiverSettings
+from central_hub.rollup import mark_dirty, outage_changes, run_rollup
 from central_hub.sites import SiteAttrs, sites
 from central_hub.status import (
     camera_health,
@@ -1199,6 +1200,10 @@ class _Batch:
             ids = conn.execute(stmt, [r.row() for r in book.new]).scalars().all()
             for rec, new_id in zip(book.new, ids, strict=True):
                 rec.id = new_id
+        if book.new or book.touched:
+            # The uptime rollup's days these outages change, in this transaction; read before
+            # the update below, which overwrites the spans they change from.
+            mark_dirty(conn, outage_changes(conn, book.new, book.touched.values()))
         if book.touched:
             conn.execute(
                 outages.update()
@@ -1887,6 +1892,7 @@ async def run_data_services(
     tasks = [
         asyncio.create_task(scheduler.run(), name="tickets"),
         asyncio.create_task(_prune_loop(db, config.status), name="prune"),
+        asyncio.create_task(run_rollup(db, config.status.rollup_interval_s), name="rollup"),
     ]
     try:
         async with ingest:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import sqlalchemy as sa
@@ -785,6 +786,31 @@ def mttr(
 #: Longest uptime window for which the period's outages are materialised first (see uptime).
 _MATERIALISE_MAX_S: float = 3 * 86400
 
+UptimeKey = tuple[Any, ...]
+
+#: `uptime`'s board filters, none set (for callers of the functions below).
+NO_UPTIME_FILTERS: Final[dict[str, Any]] = dict.fromkeys(
+    ("province", "district", "operator", "kind", "authority", "site_id")
+)
+
+
+@dataclass(slots=True)
+class UptimeParts:
+    """The sums behind one group's uptime over one period.
+
+    The seconds add up over consecutive periods; the counts do not (a camera seen on two days
+    is one camera). `added`, the counted cameras first seen within the period, is what lets
+    `central_hub.rollup` count cameras over many days exactly: the first day's `cameras` plus
+    every later day's `added`."""
+
+    cameras: int = 0
+    added: int = 0
+    monitored_s: float = 0.0
+    down_s: float = 0.0
+    sites: int = 0
+    site_monitored_s: float = 0.0
+    site_down_s: float = 0.0
+
 
 def _overlapping(table: Any, since: float, until: float) -> ColumnElement[bool]:
     """Rows of an interval table (started_at, ended_at NULL = open) overlapping [since, until).
@@ -815,6 +841,7 @@ def uptime(
     site_id: str | None = None,
     now: float | None = None,
     limit: int = 10000,
+    use_rollup: bool = True,
 ) -> list[Row]:
     """Camera uptime % over [since, until) from the outage ledger, per nation / operator /
     province / district / site / camera; and, per site and above, the sites' connectivity.
@@ -824,6 +851,12 @@ def uptime(
     own + site − both, all sums in SQL); it is counted from when the hub first saw it (and
     until it left the inventory); cameras the edge does not record (disabled, ineligible) are
     left out. The part of the period after `now` is not counted.
+
+    Above camera level, and unless one `site_id` is asked for, whole days are summed from the
+    daily per-site rollup (`central_hub.rollup`) wherever it is current, and only what it
+    cannot answer is read from the ledger: the same figures (tested against the ledger on both
+    databases), in milliseconds instead of seconds for a month nation-wide.
+    `use_rollup=False` reads the ledger only.
 
     Row keys: the group columns (`site_id`/`camera_id` at those levels), `cameras`,
     `monitored_s` (camera-seconds), `down_s`, `uptime_pct` (None when nothing was monitored);
@@ -842,117 +875,254 @@ def uptime(
         "authority": authority,
         "site_id": site_id,
     }
+    group_cols = uptime_group_columns(level)
+    parts = None
+    if use_rollup and level != "camera" and site_id is None:
+        from central_hub import rollup  # the rollup imports this module: it stores uptime_live
+
+        parts = rollup.uptime_parts(conn, t0, t1, t_now, group_cols, site_filter, filters)
+    if parts is None:
+        parts = uptime_live(
+            conn, t0, t1, t_now, group_cols, site_filter, filters, sites_too=level != "camera"
+        )
+    return _uptime_rows(level, group_cols, parts, limit)
+
+
+def uptime_group_columns(level: UptimeLevel) -> tuple[Any, ...]:
+    """The columns `uptime` groups by at `level` (its rows' keys, in this order)."""
     if level == "camera":
-        group_cols: tuple[Any, ...] = (
+        return (
             sites.c.province,
             sites.c.district,
             sites.c.operator,
             cameras.c.site_id,
             cameras.c.camera_id,
         )
-        key_len = 5
-    else:
-        group_cols = _GROUP_COLUMNS[level]
-        key_len = len(group_cols)
-    # Each camera's counted life within the period.
-    least, greatest = _min_max(conn)
-    a = greatest(sa.literal(t0), cameras.c.first_seen)
-    b = least(sa.literal(t1), sa.func.coalesce(cameras.c.removed_at, t1))
-    counted = sa.and_(
-        cameras.c.status != "unmonitored",
-        cameras.c.first_seen < t1,
-        sa.func.coalesce(cameras.c.removed_at, t1) > t0,
-    )
+    return _GROUP_COLUMNS[level]
 
-    # Grouping on `col || ''` rather than the bare column: SQLite would otherwise walk the
-    # sites in the order of their (province, district) index to save a sort, and from each
-    # site probe every camera and its outages — the whole ledger instead of the period's part.
-    opaque = tuple((c + "").label(c.name) for c in group_cols)
 
-    def scoped(q: sa.Select[Any]) -> sa.Select[Any]:
-        q = _scoped(q, site_filter, **filters).where(counted)
-        return q.group_by(*opaque) if opaque else q
+def uptime_scope(
+    q: sa.Select[Any], site_filter: SiteFilter, filters: dict[str, Any]
+) -> sa.Select[Any]:
+    """`q` (which joins `sites`) narrowed to the sites `uptime` counts with this scope and
+    these filters (enabled sites only)."""
+    return _scoped(q, site_filter, **filters)
 
-    def key(m: Any) -> tuple[Any, ...]:
-        return tuple(m[i] for i in range(key_len))
 
-    monitored = scoped(
-        sa.select(*opaque, sa.func.count(), sa.func.sum(b - a))
-        .select_from(cameras)
-        .join(sites, sites.c.site_id == cameras.c.site_id)
-    )
-    totals: dict[tuple[Any, ...], list[float]] = {}
-    for row in conn.execute(monitored):
-        totals[key(row)] = [float(row[key_len]), float(row[key_len + 1] or 0.0), 0.0]
+def least_greatest(conn: Connection) -> tuple[Any, Any]:
+    """SQL (least, greatest) of two values for `conn`'s database (see `_min_max`)."""
+    return _min_max(conn)
 
-    # Recent windows: the period's outages first, materialised (scope applied), then joined to
-    # cameras by primary key. Otherwise SQLite, led by the GROUP BY, probes the outages of all
-    # 32,000 cameras (measured: 250 ms instead of ~90 ms for one day nation-wide). For long
-    # windows nearly every outage is in the period and the plain join is the better plan.
-    materialise = t1 - t0 <= _MATERIALISE_MAX_S
 
-    def period(camera_level: bool) -> Any:
-        cond = outages.c.camera_id.is_not(None) if camera_level else outages.c.camera_id.is_(None)
-        q = sa.select(
-            outages.c.site_id,
-            outages.c.camera_id,
-            outages.c.started_at.label("st"),
-            sa.func.coalesce(outages.c.ended_at, t_now).label("en"),
-        ).where(cond, _overlapping(outages, t0, t1))
-        if site_id is not None:
-            q = q.where(outages.c.site_id == site_id)
-        elif site_filter is not None or any(v is not None for v in filters.values()):
-            # A semi-join, so the planner still starts from the period's outages.
-            in_scope = _scoped(sa.select(sites.c.site_id), site_filter, **filters)
-            q = q.where(outages.c.site_id.in_(in_scope.scalar_subquery()))
-        cte = q.cte("cam_out" if camera_level else "site_out")
-        return cte.prefix_with("MATERIALIZED") if materialise else cte
+def uptime_live(
+    conn: Connection,
+    t0: float,
+    t1: float,
+    t_now: float,
+    group_cols: tuple[Any, ...],
+    site_filter: SiteFilter,
+    filters: dict[str, Any],
+    *,
+    sites_too: bool = True,
+    enabled_only: bool = True,
+) -> dict[UptimeKey, UptimeParts]:
+    """Uptime parts per group over [t0, t1) straight from the ledger, open outages counted
+    until `t_now`: the one definition of the arithmetic, which `uptime` reads and
+    `central_hub.rollup` stores per site and day. `filters` are `uptime`'s board filters;
+    `enabled_only=False` includes disabled sites (the rollup keeps rows for them)."""
+    w = _CameraWindow(conn, t0, t1, group_cols, site_filter, filters, enabled_only)
+    out = w.life()
+    for k, d in w.down(t_now).items():
+        p = out.get(k)
+        if p is not None:
+            p.down_s += d
+    if sites_too:
+        for k, s in _site_connectivity(
+            conn, t0, t1, t_now, group_cols, site_filter, filters, enabled_only
+        ).items():
+            p = out.setdefault(k, UptimeParts())
+            p.sites, p.site_monitored_s, p.site_down_s = s.sites, s.site_monitored_s, s.site_down_s
+    return out
 
-    o = period(True)
-    s = period(False)
-    own = scoped(
-        sa.select(
-            sa.literal(1.0).label("sign"),
-            *opaque,
-            sa.func.sum(least(o.c.en, b) - greatest(o.c.st, a)).label("d"),
+
+class _CameraWindow:
+    """The camera side of uptime over one [t0, t1): each camera's counted life within it
+    (`a`..`b`), which cameras count, and the scope; `life()` and `down()` are its two
+    statements."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        t0: float,
+        t1: float,
+        group_cols: tuple[Any, ...],
+        site_filter: SiteFilter,
+        filters: dict[str, Any],
+        enabled_only: bool,
+    ) -> None:
+        self.conn = conn
+        self.t0, self.t1 = t0, t1
+        self.site_filter = site_filter
+        self.filters = filters
+        self.enabled_only = enabled_only
+        self.key_len = len(group_cols)
+        # Each camera's counted life within the period.
+        self.least, self.greatest = _min_max(conn)
+        self.a = self.greatest(sa.literal(t0), cameras.c.first_seen)
+        self.b = self.least(sa.literal(t1), sa.func.coalesce(cameras.c.removed_at, t1))
+        self.counted = sa.and_(
+            cameras.c.status != "unmonitored",
+            cameras.c.first_seen < t1,
+            sa.func.coalesce(cameras.c.removed_at, t1) > t0,
         )
-        .select_from(o)
-        .join(
-            cameras, sa.and_(cameras.c.site_id == o.c.site_id, cameras.c.camera_id == o.c.camera_id)
-        )
-        .join(sites, sites.c.site_id == cameras.c.site_id)
-        .where(o.c.st < b, o.c.en > a)
-    )
-    site_part = scoped(
-        sa.select(
-            sa.literal(1.0).label("sign"),
-            *opaque,
-            sa.func.sum(least(s.c.en, b) - greatest(s.c.st, a)).label("d"),
-        )
-        .select_from(s)
-        .join(cameras, cameras.c.site_id == s.c.site_id)
-        .join(sites, sites.c.site_id == cameras.c.site_id)
-        .where(s.c.st < b, s.c.en > a)
-    )
-    lo = greatest(greatest(o.c.st, s.c.st), a)
-    hi = least(least(o.c.en, s.c.en), b)
-    both = scoped(
-        sa.select(sa.literal(-1.0).label("sign"), *opaque, sa.func.sum(hi - lo).label("d"))
-        .select_from(o)
-        .join(s, sa.and_(s.c.site_id == o.c.site_id, s.c.st < o.c.en, s.c.en > o.c.st))
-        .join(
-            cameras, sa.and_(cameras.c.site_id == o.c.site_id, cameras.c.camera_id == o.c.camera_id)
-        )
-        .join(sites, sites.c.site_id == cameras.c.site_id)
-        .where(hi > lo)
-    )
-    # One statement, so each materialised set is built once.
-    for row in conn.execute(sa.union_all(own, site_part, both)):
-        m = tuple(row)
-        t = totals.get(m[1 : key_len + 1])
-        if t is not None:
-            t[2] += float(m[0]) * float(m[key_len + 1] or 0.0)
+        # Grouping on `col || ''` rather than the bare column: SQLite would otherwise walk the
+        # sites in the order of their (province, district) index to save a sort, and from each
+        # site probe every camera and its outages — the whole ledger instead of the period's.
+        self.opaque = tuple((c + "").label(c.name) for c in group_cols)
 
+    def scoped(self, q: sa.Select[Any], *, grouped: bool = True) -> sa.Select[Any]:
+        q = _scoped(q, self.site_filter, enabled_only=self.enabled_only, **self.filters)
+        q = q.where(self.counted)
+        return q.group_by(*self.opaque) if self.opaque and grouped else q
+
+    def life(self) -> dict[UptimeKey, UptimeParts]:
+        """Counted cameras, camera-seconds monitored and cameras first seen, per group."""
+        n = self.key_len
+        q = self.scoped(
+            sa.select(
+                *self.opaque,
+                sa.func.count(),
+                sa.func.sum(self.b - self.a),
+                _count_if(cameras.c.first_seen >= self.t0),
+            )
+            .select_from(cameras)
+            .join(sites, sites.c.site_id == cameras.c.site_id)
+        )
+        out: dict[UptimeKey, UptimeParts] = {}
+        for row in self.conn.execute(q):
+            out[tuple(row[:n])] = UptimeParts(
+                cameras=int(row[n]),
+                monitored_s=float(row[n + 1] or 0.0),
+                added=int(row[n + 2] or 0),
+            )
+        return out
+
+    def _terms(self, t_now: float) -> list[tuple[float, sa.Select[Any], Any, Any]]:
+        """The three terms of camera-seconds down as (sign, select joining the outages to
+        their cameras and sites, start, end): each row a stretch [start, end) during which one
+        counted camera was down — own outages (+), its site's outages (+), and where both
+        overlap (−), each clipped to the camera's life in the period."""
+        t0, t1, a, b = self.t0, self.t1, self.a, self.b
+        least, greatest = self.least, self.greatest
+        # Recent windows: the period's outages first, materialised (scope applied), then joined
+        # to cameras by primary key. Otherwise SQLite, led by the GROUP BY, probes the outages
+        # of all 32,000 cameras (measured: 250 ms instead of ~90 ms for one day nation-wide).
+        # For long windows nearly every outage is in the period and the plain join is better.
+        materialise = t1 - t0 <= _MATERIALISE_MAX_S
+        site_id = self.filters.get("site_id")
+        narrowed = self.site_filter is not None or any(v is not None for v in self.filters.values())
+
+        def period(camera_level: bool) -> Any:
+            cond = (
+                outages.c.camera_id.is_not(None) if camera_level else outages.c.camera_id.is_(None)
+            )
+            q = sa.select(
+                outages.c.site_id,
+                outages.c.camera_id,
+                outages.c.started_at.label("st"),
+                sa.func.coalesce(outages.c.ended_at, t_now).label("en"),
+            ).where(cond, _overlapping(outages, t0, t1))
+            if site_id is not None:
+                q = q.where(outages.c.site_id == site_id)
+            elif narrowed:
+                # A semi-join, so the planner still starts from the period's outages.
+                in_scope = _scoped(
+                    sa.select(sites.c.site_id),
+                    self.site_filter,
+                    enabled_only=self.enabled_only,
+                    **self.filters,
+                )
+                q = q.where(outages.c.site_id.in_(in_scope.scalar_subquery()))
+            cte = q.cte("cam_out" if camera_level else "site_out")
+            return cte.prefix_with("MATERIALIZED") if materialise else cte
+
+        o = period(True)
+        s = period(False)
+        own_lo, own_hi = greatest(o.c.st, a), least(o.c.en, b)
+        own = (
+            sa.select()
+            .select_from(o)
+            .join(
+                cameras,
+                sa.and_(cameras.c.site_id == o.c.site_id, cameras.c.camera_id == o.c.camera_id),
+            )
+            .join(sites, sites.c.site_id == cameras.c.site_id)
+            .where(o.c.st < b, o.c.en > a)
+        )
+        site_lo, site_hi = greatest(s.c.st, a), least(s.c.en, b)
+        site_part = (
+            sa.select()
+            .select_from(s)
+            .join(cameras, cameras.c.site_id == s.c.site_id)
+            .join(sites, sites.c.site_id == cameras.c.site_id)
+            .where(s.c.st < b, s.c.en > a)
+        )
+        lo = greatest(greatest(o.c.st, s.c.st), a)
+        hi = least(least(o.c.en, s.c.en), b)
+        both = (
+            sa.select()
+            .select_from(o)
+            .join(s, sa.and_(s.c.site_id == o.c.site_id, s.c.st < o.c.en, s.c.en > o.c.st))
+            .join(
+                cameras,
+                sa.and_(cameras.c.site_id == o.c.site_id, cameras.c.camera_id == o.c.camera_id),
+            )
+            .join(sites, sites.c.site_id == cameras.c.site_id)
+            .where(hi > lo)
+        )
+        return [
+            (1.0, own, own_lo, own_hi),
+            (1.0, site_part, site_lo, site_hi),
+            (-1.0, both, lo, hi),
+        ]
+
+    def down(self, t_now: float) -> dict[UptimeKey, float]:
+        """Camera-seconds down per group: own outages + site outages − both."""
+        n = self.key_len
+        parts = [
+            self.scoped(
+                q.add_columns(sa.literal(sign).label("sign"), *self.opaque, sa.func.sum(hi - lo))
+            )
+            for sign, q, lo, hi in self._terms(t_now)
+        ]
+        out: dict[UptimeKey, float] = {}
+        # One statement, so each materialised set is built once.
+        for row in self.conn.execute(sa.union_all(*parts)):
+            k = tuple(row[1 : n + 1])
+            out[k] = out.get(k, 0.0) + float(row[0]) * float(row[n + 1] or 0.0)
+        return out
+
+    def down_terms(self, t_now: float) -> list[tuple[str, float, float, float]]:
+        """The stretches `down` adds up, unsummed: (site_id, sign, start, end)."""
+        parts = [
+            self.scoped(
+                q.add_columns(cameras.c.site_id, sa.literal(sign).label("sign"), lo, hi),
+                grouped=False,
+            )
+            for sign, q, lo, hi in self._terms(t_now)
+        ]
+        return [
+            (r[0], float(r[1]), float(r[2]), float(r[3]))
+            for r in self.conn.execute(sa.union_all(*parts))
+        ]
+
+
+def _uptime_rows(
+    level: UptimeLevel,
+    group_cols: tuple[Any, ...],
+    parts: dict[UptimeKey, UptimeParts],
+    limit: int,
+) -> list[Row]:
     names = [c.name for c in group_cols]
     if level == "camera":
         out = [
@@ -960,20 +1130,26 @@ def uptime(
                 {
                     **dict(zip(names, k, strict=True)),
                     "cameras": 1,
-                    "monitored_s": v[1],
-                    "down_s": v[2],
+                    "monitored_s": v.monitored_s,
+                    "down_s": v.down_s,
                 }
             )
-            for k, v in sorted(totals.items(), key=lambda kv: (kv[0][3], kv[0][4]))
+            for k, v in sorted(parts.items(), key=lambda kv: (kv[0][3], kv[0][4]))
         ]
         return out[:limit]
-    site_rows = _site_connectivity(conn, t0, t1, t_now, group_cols, site_filter, filters)
     out = []
-    for k in sorted(set(totals) | set(site_rows), key=lambda k: tuple(str(x) for x in k)):
-        n, ms, ds = totals.get(k, [0, 0.0, 0.0])
-        r: Row = {**dict(zip(names, k, strict=True)), "cameras": n, "monitored_s": ms, "down_s": ds}
-        r.update(site_rows.get(k, {"sites": 0, "site_monitored_s": 0.0, "site_down_s": 0.0}))
-        sm, sd = r["site_monitored_s"], r["site_down_s"]
+    for k in sorted(parts, key=lambda k: tuple(str(x) for x in k)):
+        v = parts[k]
+        r: Row = {
+            **dict(zip(names, k, strict=True)),
+            "cameras": v.cameras,
+            "monitored_s": v.monitored_s,
+            "down_s": v.down_s,
+            "sites": v.sites,
+            "site_monitored_s": v.site_monitored_s,
+            "site_down_s": v.site_down_s,
+        }
+        sm, sd = v.site_monitored_s, v.site_down_s
         r["site_uptime_pct"] = None if not sm else max(0.0, 100.0 * (sm - sd) / sm)
         out.append(_pct(r))
     return out[:limit]
@@ -993,16 +1169,18 @@ def _pct(r: Row) -> Row:
     return r
 
 
-def _site_connectivity(
+def _site_life(
     conn: Connection,
     t0: float,
     t1: float,
     t_now: float,
-    group_cols: tuple[sa.Column[Any], ...],
     site_filter: SiteFilter,
     filters: dict[str, Any],
-) -> dict[tuple[Any, ...], Row]:
-    """Per group: sites, site-seconds monitored (from first contact) and site outage seconds."""
+    enabled_only: bool,
+) -> tuple[Any, Any, Any, Any, Any]:
+    """The sites' side of uptime over [t0, t1): each site's life in the period (`sl`: from
+    first contact, `a`) and its outages clipped to it: (sl, outages alias, start, end, the
+    condition joining an outage to its site's life)."""
     first = site_state.c.first_seen_at
     least, greatest = _min_max(conn)
     a = greatest(sa.literal(t0), first)
@@ -1012,24 +1190,38 @@ def _site_connectivity(
         .join(site_state, site_state.c.site_id == sites.c.site_id)
         .where(first.is_not(None), first < t1)
     )
-    life = _scoped(life_q, site_filter, **filters).cte("sl")
+    life = _scoped(life_q, site_filter, enabled_only=enabled_only, **filters).cte("sl")
     s = outages.alias("s2")
     s_end = sa.func.coalesce(s.c.ended_at, t_now)
-    clipped = least(s_end, sa.literal(t1)) - greatest(s.c.started_at, life.c.a)
+    lo, hi = greatest(s.c.started_at, life.c.a), least(s_end, sa.literal(t1))
+    joined = sa.and_(
+        s.c.site_id == life.c.site_id,
+        s.c.camera_id.is_(None),
+        s.c.started_at < t1,
+        s_end > life.c.a,
+    )
+    return life, s, lo, hi, joined
+
+
+def _site_connectivity(
+    conn: Connection,
+    t0: float,
+    t1: float,
+    t_now: float,
+    group_cols: tuple[sa.Column[Any], ...],
+    site_filter: SiteFilter,
+    filters: dict[str, Any],
+    enabled_only: bool = True,
+) -> dict[UptimeKey, UptimeParts]:
+    """Per group: sites, site-seconds monitored (from first contact) and site outage seconds
+    (in the `sites`, `site_monitored_s` and `site_down_s` of the parts)."""
+    life, _, lo, hi, joined = _site_life(conn, t0, t1, t_now, site_filter, filters, enabled_only)
     per_site = (
         sa.select(
             life.c.site_id,
             (sa.literal(t1) - life.c.a).label("m"),
             sa.func.coalesce(
-                sa.select(sa.func.sum(clipped))
-                .where(
-                    s.c.site_id == life.c.site_id,
-                    s.c.camera_id.is_(None),
-                    s.c.started_at < t1,
-                    s_end > life.c.a,
-                )
-                .scalar_subquery(),
-                0.0,
+                sa.select(sa.func.sum(hi - lo)).where(joined).scalar_subquery(), 0.0
             ).label("d"),
         )
         .select_from(life)
@@ -1047,14 +1239,32 @@ def _site_connectivity(
     )
     if group_cols:
         q = q.group_by(*group_cols)
-    out: dict[tuple[Any, ...], Row] = {}
+    out: dict[UptimeKey, UptimeParts] = {}
     for r in conn.execute(q):
         m = r._mapping
         if not m["sites"]:
             continue
-        out[_key(r, group_cols)] = {
-            "sites": int(m["sites"]),
-            "site_monitored_s": float(m["site_monitored_s"] or 0.0),
-            "site_down_s": float(m["site_down_s"] or 0.0),
-        }
+        out[_key(r, group_cols)] = UptimeParts(
+            sites=int(m["sites"]),
+            site_monitored_s=float(m["site_monitored_s"] or 0.0),
+            site_down_s=float(m["site_down_s"] or 0.0),
+        )
     return out
+
+
+def uptime_down_terms(
+    conn: Connection,
+    t0: float,
+    t1: float,
+    t_now: float,
+    site_filter: SiteFilter,
+) -> tuple[list[tuple[str, float, float, float]], list[tuple[str, float, float]]]:
+    """What `uptime_live`'s `down_s` and `site_down_s` add up over [t0, t1), unsummed, for
+    every site (enabled or not) that `site_filter` selects: the cameras' stretches down
+    (site_id, sign, start, end) and the sites' (site_id, start, end). A part of [t0, t1) is the
+    sum of these stretches clipped to it, as the rollup does."""
+    w = _CameraWindow(conn, t0, t1, (), site_filter, NO_UPTIME_FILTERS, False)
+    life, s, lo, hi, joined = _site_life(conn, t0, t1, t_now, site_filter, NO_UPTIME_FILTERS, False)
+    q = sa.select(life.c.site_id, lo, hi).select_from(life).join(s, joined)
+    site_terms = [(r[0], float(r[1]), float(r[2])) for r in conn.execute(q)]
+    return w.down_terms(t_now), site_terms

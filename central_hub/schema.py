@@ -7,6 +7,7 @@ from __future__ import annotations
 import central_hub.accounts
 import central_hub.audit
 import central_hub.export
+import central_hub.rollup
 import central_hub.sites
 import central_hub.status
 
@@ -14,6 +15,7 @@ COMPONENT_MODULES = (
     central_hub.accounts,
     central_hub.audit,
     central_hub.export,
+    central_hub.rollup,
     central_hub.sites,
     central_hub.status,
 )
