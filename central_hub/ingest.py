@@ -123,6 +123,9 @@ REJECT_REASONS: Final[dict[str, str]] = {
     "store_error": "could not be processed or written, even on its own (logged with the cause)",
 }
 
+#: How often the ingest checkpoints an SQLite database's WAL (`Ingest._checkpoint_loop`).
+CHECKPOINT_INTERVAL_S: Final = 1.0
+
 ACCEPTED_KINDS: Final = tuple(k.value for k in Kind if k is not Kind.CMD)
 
 
@@ -158,6 +161,8 @@ class IngestCounters:
     db_retries: int = 0
     #: MQTT connections made (subscribed); more than one means the connection was lost.
     connections: int = 0
+    #: SQLite checkpoints run by the ingest (`Database.checkpoint`) that found frames.
+    checkpoints: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         """A copy safe to hand to another thread or serialise."""
@@ -176,6 +181,7 @@ class IngestCounters:
             "batch_seconds": self.batch_seconds,
             "db_retries": self.db_retries,
             "connections": self.connections,
+            "checkpoints": self.checkpoints,
         }
 
     @property
@@ -1584,6 +1590,9 @@ class Ingest:
         loop = asyncio.get_running_loop()
         writer = loop.create_task(self._writer_loop(), name="ingest-writer")
         refresher = loop.create_task(self._refresh_loop(), name="sites")
+        checkpoints = None
+        if self.db.dialect == "sqlite":
+            checkpoints = loop.create_task(self._checkpoint_loop(), name="sqlite-checkpoint")
         gaps = None
         if self.alerts is not None:
             alerter = GapAlerter(
@@ -1603,10 +1612,11 @@ class Ingest:
                         await asyncio.wait_for(self._stopping.wait(), backoff)
                     backoff = min(backoff * 2, 30.0)
         finally:
-            if gaps is not None:
-                gaps.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gaps
+            for task in (gaps, checkpoints):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             refresher.cancel()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -1845,6 +1855,17 @@ class Ingest:
         """At stop: let the writer write and acknowledge what is pending while still
         connected (`_receive` takes nothing new once stopping)."""
         await self.wait_idle()
+
+    async def _checkpoint_loop(self) -> None:
+        """SQLite: checkpoint the WAL every second in a worker thread, beside the writer
+        (a passive checkpoint waits for no one), so no commit of the writer has to."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            try:
+                if await asyncio.to_thread(self.db.checkpoint):
+                    self.counters.checkpoints += 1
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("SQLite checkpoint failed: %s", _first_line(exc))
 
     async def _refresh_loop(self) -> None:
         while True:
