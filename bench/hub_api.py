@@ -5,6 +5,8 @@ Run: .venv/bin/python bench/hub_api.py [--backend sqlite|postgresql|both] [--rep
 State: the synthetic hub of bench/hub_queries.py (same generator, fixed seed; its clock moved to
 now so the API's default windows — last hour, last day — hold data): 63 provinces, 2,000 sites
 of 16 cameras, ~3 % of cameras down, 30 days of outage history, tickets on the long outages.
+The daily uptime rollup (central_hub.rollup) is built for that history before the hub starts,
+as its job would have kept it (the uptime calls read it).
 
 The hub app (`make_hub` + `build_app`: auth, board, API) runs in a child process on a loopback
 port; this process logs in as a NOC operator (nation-wide, and one province) and GETs each URL
@@ -41,8 +43,10 @@ from central_hub.accounts import AccountStore, AuthConfig
 from central_hub.api import Filters, list_filter, single_site_filter
 from central_hub.audit import AuditLog
 from central_hub.board import board_data, site_data
+from central_hub.board_uptime import CSV_TABLES, UptimeView, parse_period, uptime_data
 from central_hub.db import Database
 from central_hub.policy import Action, Grant, Principal, Scope
+from central_hub.rollup import UptimeRollup
 from central_hub.sites import get_site
 from devstack.ports import free_port
 from devstack.postgres import Postgres
@@ -51,8 +55,8 @@ PASSWORD = "mật-khẩu-đo-hiệu-năng-2025"
 AUTH = AuthConfig(
     argon2_memory_kib=19456, argon2_time_cost=1, cookie_secure=False, secret=b"b" * 32
 )
-#: Calls the reports make (period statistics), not the board's pages.
-REPORTS = ("GET /api/uptime", "GET /api/mttr")
+#: Whole pages (several queries each, plus the template), reported apart from the API calls.
+PAGES = "page "
 CSRF_RE = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
 
 
@@ -146,6 +150,19 @@ def cases(
             rag=None,
             page_no=1,
             now=now,
+        )
+
+    def uptime_page(p: Principal, query: dict[str, str]) -> Callable[[], Any]:
+        # The uptime page's own loader, with what its handler passes it.
+        view = UptimeView.parse(query)
+        period = parse_period(query, now)
+        return lambda: uptime_data(
+            conn,
+            where=f(p, "view_outages"),
+            view=view,
+            period=period,
+            now=now,
+            tables=CSV_TABLES[view.level],
         )
 
     def site_page() -> Any:
@@ -280,6 +297,37 @@ def cases(
             board_page(prov, info["province"]),
         ),
         ("page /board/sites/{site}", "nation", f"/board/sites/{site}", site_page),
+        (
+            "GET /api/uptime (province, 30 d)",
+            "nation",
+            f"/api/uptime?level=province&since={now - 30 * 86400:.0f}",
+            lambda: queries.uptime(
+                conn,
+                since=float(f"{now - 30 * 86400:.0f}"),
+                until=now,
+                level="province",
+                site_filter=f(nation, "view_outages"),
+                now=now,
+            ),
+        ),
+        (
+            "page /board/uptime (today)",
+            "nation",
+            "/board/uptime?period=today",
+            uptime_page(nation, {"period": "today"}),
+        ),
+        (
+            "page /board/uptime (30 d)",
+            "nation",
+            "/board/uptime?period=30d",
+            uptime_page(nation, {"period": "30d"}),
+        ),
+        (
+            "page /board/uptime (30 d, province)",
+            "province",
+            f"/board/uptime?period=30d&province={pq}",
+            uptime_page(prov, {"period": "30d", "province": info["province"]}),
+        ),
     ]
 
 
@@ -298,6 +346,12 @@ def measure(url: str, repeat: int) -> list[Result]:
         f"{info['outages']} outages, {info['tickets']} tickets",
         flush=True,
     )
+    t = time.perf_counter()
+    UptimeRollup(db).refresh(now=now)
+    with db.engine.connect() as conn:  # planner statistics, as autovacuum would have them
+        conn.execute(sa.text("ANALYZE"))
+        conn.commit()
+    print(f"  uptime rollup built in {time.perf_counter() - t:.1f} s", flush=True)
     store = AccountStore(db, AuditLog(db), AUTH)
     store.create_user("noc@vnpt.gov.vn", "NOC", PASSWORD, "noc", Scope.nation())
     store.create_user(
@@ -369,19 +423,19 @@ def main() -> None:
     print(f"| call | scope | {head} |")
     print("|---|---|" + "---|---|" * len(backends))
     first = results[backends[0]]
-    worst = {"board": 0.0, "report": 0.0}
+    worst = {"call": 0.0, "page": 0.0}
     for i, (name, scope, _, _) in enumerate(first):
         cells = []
         for b in backends:
             _, _, base, api = results[b][i]
-            kind = "report" if name.startswith(REPORTS) else "board"
+            kind = "page" if name.startswith(PAGES) else "call"
             worst[kind] = max(worst[kind], api[1])
             cells.append(f"{base[0]:.1f} / {base[1]:.1f} | {api[0]:.1f} / {api[1]:.1f}")
         print(f"| {name} | {scope} | " + " | ".join(cells) + " |")
-    met = "met" if worst["board"] <= 50 else "MISSED"
+    met = "met" if worst["call"] <= 50 else "MISSED"
     print(
-        f"\nworst p95 of the board's calls: {worst['board']:.1f} ms (target ≤ 50 ms: {met}); "
-        f"of the report calls (uptime, MTTR; not on the board): {worst['report']:.1f} ms"
+        f"\nworst p95 of the API calls: {worst['call']:.1f} ms (target ≤ 50 ms: {met}); "
+        f"of the pages (several queries and a template each): {worst['page']:.1f} ms"
     )
 
 
