@@ -23,6 +23,7 @@ the scope, 404 when it does not exist).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 import time
@@ -256,8 +257,10 @@ async def _authorize(request: web.Request) -> tuple[Any, SiteAttrs | None]:
 # --- the figures ----------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16384)
 def _name_key(value: str | None) -> tuple[bool, str]:
-    """Vietnamese alphabetical order, roughly: Đà Nẵng among the D's, not after Z; None last."""
+    """Vietnamese alphabetical order, roughly: Đà Nẵng among the D's, not after Z; None last.
+    Cached: the same 63 provinces and 2,000 site names are sorted on every request."""
     if value is None:
         return (True, "")
     plain = unicodedata.normalize("NFD", value.replace("Đ", "D").replace("đ", "d"))
