@@ -3,7 +3,7 @@ messages. The hub must keep running, count every reject under the right reason, 
 sites nobody touched exactly as they were.
 
 5,000 messages per backend in the suite; the issue's 100,000:
-``ISOCAM_FUZZ_MESSAGES=100000 .venv/bin/pytest -q tests/test_central_hub_fuzz.py``.
+``ISOCAM_FUZZ_MESSAGES=100000 .venv/bin/python -m pytest -q tests/test_central_hub_fuzz.py``.
 
 The expected reason of each message comes from an oracle: sitelink's own `decode_delivery`
 (tested on its own in test_sitelink_messages.py) plus the enrolment table; every generator
