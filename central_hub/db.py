@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: the ledger queries run 25-50 % faster
     cur.close()
+
+
+def dialect_insert(conn: Connection, table: sa.Table) -> Any:
+    """`INSERT` with `on_conflict_do_nothing/do_update` for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 class Database:

@@ -53,12 +53,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, cast
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from central_hub.alerts import Alert, AlertHub, WebhookSender, duration_text, make_alert
-from central_hub.db import Database
+from central_hub.db import Database, dialect_insert
 from central_hub.hub_config import HubConfig, IngestConfig, MqttConfig, StatusConfig
 from central_hub.ledger import (
     CameraRecord,
@@ -320,13 +318,6 @@ class BatchResult:
         self.stale_states += other.stale_states
         self.stale_samples += other.stale_samples
         self.alerts.extend(other.alerts)
-
-
-def dialect_insert(conn: Connection, table: sa.Table) -> Any:
-    """`INSERT` with `on_conflict_do_nothing/do_update` for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
-        return pg_dialect.insert(table)
-    return sqlite_dialect.insert(table)
 
 
 def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:

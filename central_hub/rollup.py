@@ -52,11 +52,9 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, ClassVar, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
-from central_hub.db import Database, metadata, migration
+from central_hub.db import Database, dialect_insert, metadata, migration
 from central_hub.ledger import OutageRecord
 from central_hub.queries import (
     NO_UPTIME_FILTERS,
@@ -203,12 +201,6 @@ def _days(first: date, last: date) -> Iterable[date]:
         d += _ONE_DAY
 
 
-def _insert(conn: Connection, table: sa.Table) -> Any:
-    if conn.dialect.name == "postgresql":
-        return pg_dialect.insert(table)
-    return sqlite_dialect.insert(table)
-
-
 # --- invalidation ---------------------------------------------------------------------------
 
 #: (site_id, started_at, ended_at) of an outage inserted or updated.
@@ -258,7 +250,7 @@ def mark_dirty(
     for sid, d in sorted(keys):
         start, end = day_bounds(d)
         rows.append({"site_id": sid, "day": d, "day_start": start, "day_end": end, "dirty_seq": 1})
-    ins = _insert(conn, uptime_daily)
+    ins = dialect_insert(conn, uptime_daily)
     conn.execute(
         ins.on_conflict_do_update(
             index_elements=["site_id", "day"],
@@ -679,7 +671,7 @@ class UptimeRollup:
                     )
                 if inserts:
                     conn.execute(
-                        _insert(conn, uptime_sites).on_conflict_do_nothing(
+                        dialect_insert(conn, uptime_sites).on_conflict_do_nothing(
                             index_elements=["site_id"]
                         ),
                         inserts,
@@ -753,7 +745,7 @@ class UptimeRollup:
                 )
             if new:
                 conn.execute(
-                    _insert(conn, uptime_daily).on_conflict_do_nothing(
+                    dialect_insert(conn, uptime_daily).on_conflict_do_nothing(
                         index_elements=["site_id", "day"]
                     ),
                     [{**r, "dirty": False, "dirty_seq": 0} for r in new],

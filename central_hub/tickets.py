@@ -34,9 +34,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from central_hub.alerts import Alert, AlertHub, duration_text, make_alert
-from central_hub.db import Database
+from central_hub.db import Database, dialect_insert
 from central_hub.hub_config import TicketsConfig
-from central_hub.ingest import dialect_insert
 from central_hub.sites import SiteAttrs, sites
 from central_hub.status import TicketState, outages, ticket_notes, tickets
 
