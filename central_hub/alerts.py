@@ -63,6 +63,7 @@ ALERT_TYPES: Final[dict[str, str]] = {
     "retention": "retention set below the legal minimum, or a legal hold changed",
     "ticket_opened": "an outage lasted longer than the threshold: a ticket was opened",
     "ticket_resolved": "the outage behind a ticket ended; someone must confirm and close it",
+    "signature": "a chain head or tombstone does not verify with the site's enrolled device key",
     "alerts_dropped": "this subscriber was too slow and lost `count` alerts: reload the state",
 }
 

@@ -73,6 +73,7 @@ from central_hub.ledger import (
 )
 from central_hub.mqtt_receiver import ReceiverError, ReceiverProcess, ReceiverSettings
 from central_hub.rollup import mark_dirty, outage_changes, run_rollup
+from central_hub.signatures import SignatureChecker
 from central_hub.sites import SiteAttrs, sites
 from central_hub.status import (
     camera_health,
@@ -1905,6 +1906,7 @@ async def run_data_services(
         asyncio.create_task(scheduler.run(), name="tickets"),
         asyncio.create_task(_prune_loop(db, config.status), name="prune"),
         asyncio.create_task(run_rollup(db, config.status.rollup_interval_s), name="rollup"),
+        asyncio.create_task(SignatureChecker(db, alerts).run(), name="signatures"),
     ]
     try:
         async with ingest:

@@ -8,6 +8,7 @@ import central_hub.accounts
 import central_hub.audit
 import central_hub.export
 import central_hub.rollup
+import central_hub.signatures
 import central_hub.sites
 import central_hub.status
 
@@ -16,6 +17,7 @@ COMPONENT_MODULES = (
     central_hub.audit,
     central_hub.export,
     central_hub.rollup,
+    central_hub.signatures,
     central_hub.sites,
     central_hub.status,
 )
