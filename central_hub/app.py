@@ -31,6 +31,7 @@ from central_hub.audit import AuditLog
 from central_hub.db import Database
 from central_hub.hub_config import HubConfig, MqttConfig
 from central_hub.ingest import IngestCollector, IngestCounters, run_data_services
+from central_hub.signatures import SignatureCollector, SignatureCounters
 from central_hub.sites import sites
 from central_hub.tunnel import TunnelBroker
 from central_hub.web_auth import AuthService, setup_auth, subscribe_revocations
@@ -119,6 +120,7 @@ class Hub:
     publisher: CommandPublisher
     broker: TunnelBroker
     ingest_counters: IngestCounters = field(default_factory=IngestCounters)
+    signature_counters: SignatureCounters = field(default_factory=SignatureCounters)
     started: float = field(default_factory=time.time)
     auth: AuthService | None = None
     #: extra startup hooks of web parts (e.g. background tasks), run in `serve`
@@ -195,6 +197,7 @@ def build_app(hub: Hub) -> web.Application:
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(IngestCollector(hub.ingest_counters))
+    registry.register(SignatureCollector(hub.signature_counters))
     app[METRICS] = registry
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -268,7 +271,12 @@ async def serve(
     data_ready = asyncio.Event()
     data = asyncio.create_task(
         run_data_services(
-            hub.db, config, alerts=hub.alerts, ready=data_ready, counters=hub.ingest_counters
+            hub.db,
+            config,
+            alerts=hub.alerts,
+            ready=data_ready,
+            counters=hub.ingest_counters,
+            signature_counters=hub.signature_counters,
         ),
         name="hub-data-services",
     )

@@ -73,7 +73,7 @@ from central_hub.ledger import (
 )
 from central_hub.mqtt_receiver import ReceiverError, ReceiverProcess, ReceiverSettings
 from central_hub.rollup import mark_dirty, outage_changes, run_rollup
-from central_hub.signatures import SignatureChecker
+from central_hub.signatures import SignatureChecker, SignatureCounters
 from central_hub.sites import SiteAttrs, sites
 from central_hub.status import (
     camera_health,
@@ -1875,6 +1875,7 @@ async def run_data_services(
     alerts: AlertHub,
     ready: asyncio.Event | None = None,
     counters: IngestCounters | None = None,
+    signature_counters: SignatureCounters | None = None,
 ) -> None:
     """Everything the hub's data side runs, until cancelled: the ingest, the ticket scheduler,
     event pruning and (if configured) the webhook sender. `serve` starts this next to the web
@@ -1906,7 +1907,10 @@ async def run_data_services(
         asyncio.create_task(scheduler.run(), name="tickets"),
         asyncio.create_task(_prune_loop(db, config.status), name="prune"),
         asyncio.create_task(run_rollup(db, config.status.rollup_interval_s), name="rollup"),
-        asyncio.create_task(SignatureChecker(db, alerts).run(), name="signatures"),
+        asyncio.create_task(
+            SignatureChecker(db, alerts, signature_counters or SignatureCounters()).run(),
+            name="signatures",
+        ),
     ]
     try:
         async with ingest:

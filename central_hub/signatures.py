@@ -20,6 +20,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -83,6 +84,29 @@ class SignatureCounters:
     #: Signed events of sites without an enrolled device key (not checked yet).
     unverifiable_sites: int = 0
     passes: int = 0
+
+
+class SignatureCollector:
+    """A prometheus_client collector over `SignatureCounters` (register it on a registry)."""
+
+    def __init__(self, counters: SignatureCounters) -> None:
+        self._c = counters
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self._c
+        yield CounterMetricFamily(
+            "isocam_hub_signatures_verified", "Signed events that verified", value=c.verified
+        )
+        yield CounterMetricFamily(
+            "isocam_hub_signatures_failed", "Signed events that did not verify", value=c.failed
+        )
+        yield GaugeMetricFamily(
+            "isocam_hub_signatures_unverifiable_sites",
+            "Enabled sites without an enrolled device key",
+            value=c.unverifiable_sites,
+        )
 
 
 @dataclass

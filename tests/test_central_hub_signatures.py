@@ -9,11 +9,17 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry, generate_latest
 
 from central_hub.db import Database
 from central_hub.hub_config import IngestConfig, MqttConfig
 from central_hub.ingest import Ingest
-from central_hub.signatures import SignatureChecker, signature_cursor, signature_failures
+from central_hub.signatures import (
+    SignatureChecker,
+    SignatureCollector,
+    signature_cursor,
+    signature_failures,
+)
 from central_hub.sites import sites
 from central_hub.sites_cli import enroll_site
 from sitelink.messages import ChainHead, chain_head_payload, encode
@@ -85,6 +91,12 @@ async def test_heads_that_do_not_verify_are_alerted_once(db: Database) -> None:
     assert "chữ ký không hợp lệ" in next(a["text_vi"] for a in alerts if a["seq"] == 3)
     assert checker.counters.verified == 1 and checker.counters.unverifiable_sites == 1
     assert checker.check() == []  # the cursor moved on
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SignatureCollector(checker.counters))
+    text = generate_latest(registry).decode()
+    assert "isocam_hub_signatures_verified_total 1.0" in text
+    assert "isocam_hub_signatures_failed_total 3.0" in text
+    assert "isocam_hub_signatures_unverifiable_sites 1.0" in text
 
     # Another hub instance, from scratch: the failures are recorded, not alerted twice.
     with db.engine.begin() as conn:
