@@ -615,6 +615,8 @@ class CameraRecorder:
         self._last_error: str | None = None
         self._keyframe_seq = 0
         self._last_keyframe: KeyframeSample | None = None
+        #: Notified at each new keyframe (once per GOP), for `wait_keyframe_after`.
+        self._keyframe_changed = threading.Condition()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -650,6 +652,17 @@ class CameraRecorder:
         """The latest keyframe received (still compressed), for image health; None before the
         first. Cheap and safe from any thread: a plain read of an immutable object."""
         return self._last_keyframe
+
+    def wait_keyframe_after(self, seq: int, timeout: float) -> KeyframeSample | None:
+        """Block (on a thread, not the event loop) until a keyframe newer than `seq` arrives;
+        None after `timeout` seconds."""
+        with self._keyframe_changed:
+            self._keyframe_changed.wait_for(
+                lambda: self._last_keyframe is not None and self._last_keyframe.seq > seq,
+                timeout,
+            )
+            sample = self._last_keyframe
+        return sample if sample is not None and sample.seq > seq else None
 
     def stats(self) -> RecorderStats:
         """Live figures for the health report (cheap: no locks, no I/O)."""
@@ -929,7 +942,7 @@ class CameraRecorder:
         the previous sample or this one whole (one attribute store, atomic under the GIL)."""
         self._keyframe_seq += 1
         codec, extradata, width, height = info
-        self._last_keyframe = KeyframeSample(
+        sample = KeyframeSample(
             camera_id=self.camera_id,
             seq=self._keyframe_seq,
             codec=codec,
@@ -939,6 +952,9 @@ class CameraRecorder:
             width=width,
             height=height,
         )
+        with self._keyframe_changed:
+            self._last_keyframe = sample
+            self._keyframe_changed.notify_all()
 
     def _finish_segment(self, seg: _SegmentWriter) -> None:
         rec = seg.finish()

@@ -283,7 +283,7 @@ async def test_a_killed_edge_goes_offline_through_its_will(
     script.write_text(
         textwrap.dedent(
             f"""
-            import sys, time
+            import signal, sys, time
             import paho.mqtt.client as mqtt
             from paho.mqtt.enums import CallbackAPIVersion
             from sitelink.messages import StateBirth, outgoing
@@ -298,7 +298,7 @@ async def test_a_killed_edge_goes_offline_through_its_will(
             out = outgoing("dn-cp-02", birth)
             c.publish(out.topic, out.payload, qos=1, retain=True).wait_for_publish(10)
             print("ready", flush=True)
-            time.sleep(600)
+            signal.pause()  # until the test kills it
             """
         )
     )

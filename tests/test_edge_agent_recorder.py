@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -425,11 +426,9 @@ def test_recorder_refuses_setups_it_could_never_record_with(site: Site) -> None:
 
 
 async def _keyframe_after(rec: CameraRecorder, seq: int, within: float = 10.0) -> KeyframeSample:
-    """Poll (with a deadline) until the recorder publishes a keyframe newer than `seq`."""
-    async with asyncio.timeout(within):
-        # a plain attribute by design (cheap for the recorder thread): nothing to await
-        while (sample := rec.last_keyframe) is None or sample.seq <= seq:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    """Wait until the recorder publishes a keyframe newer than `seq`."""
+    sample = await asyncio.to_thread(rec.wait_keyframe_after, seq, within)
+    assert sample is not None, f"no keyframe after #{seq} within {within} s"
     return sample
 
 
@@ -508,9 +507,9 @@ def test_rtsp_socket_is_found_and_cut_even_while_another_thread_borrows_its_fd()
             with client, peer:
                 assert blocked.bytes_received() == 0
                 peer.sendall(b"RTSP/1.0 200 OK\r\n\r\n")
-                deadline = time.monotonic() + 5
-                while blocked.bytes_received() != 19 and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                # Readable once the kernel has the bytes, which is when TCP_INFO counts them.
+                readable, _, _ = select.select([client], [], [], 5)
+                assert readable, "the answer did not arrive"
                 assert blocked.bytes_received() == 19
                 assert blocked.interrupt()
                 assert peer.recv(1) == b""

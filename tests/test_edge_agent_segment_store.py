@@ -258,7 +258,7 @@ def test_many_threads_adding_segments_and_gaps_keep_every_chain_intact(
 
 CRASHING_RECORDER = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
     from edge_agent.device_key import load_or_create_device_key
     from edge_agent.segment_store import SegmentRecord, SegmentStore
@@ -282,7 +282,7 @@ CRASHING_RECORDER = textwrap.dedent(
                 "cam-1", seq, path, start, start + 60, path.stat().st_size, 2, True, "H264"))
     store.sign_heads()
     print("mid-segment", flush=True)
-    time.sleep(120)  # killed here, with seq 3 half written and not indexed
+    signal.pause()  # killed here, with seq 3 half written and not indexed
     """
 )
 
