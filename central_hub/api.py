@@ -1290,22 +1290,7 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
             "operator": _STR,
             "province": _STR,
             "district": _nullable(_STR),
-            **{
-                k: {"type": "integer"}
-                for k in (
-                    "sites",
-                    "online",
-                    "red",
-                    "amber",
-                    "green",
-                    "never_seen",
-                    "cameras",
-                    "cameras_down",
-                    "cameras_degraded",
-                    "cameras_unmonitored",
-                    "missing_events",
-                )
-            },
+            **{k: {"type": "integer"} for k in queries.BOARD_COUNTS},
             "rag": {"type": "string", "enum": list(RAGS)},
         },
     },

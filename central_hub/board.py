@@ -336,26 +336,11 @@ def district_choices(conn: Connection, where: Any, province: str) -> list[str]:
     return [r[0] for r in conn.execute(q)]
 
 
-_COUNTS: Final = (
-    "sites",
-    "online",
-    "red",
-    "amber",
-    "green",
-    "never_seen",
-    "cameras",
-    "cameras_down",
-    "cameras_degraded",
-    "cameras_unmonitored",
-    "missing_events",
-)
-
-
 def _totals(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The board_summary "nation" row of the scope, from the rows of a partition of it."""
     if not groups:
         return None
-    out: dict[str, Any] = {k: sum(int(g[k]) for g in groups) for k in _COUNTS}
+    out: dict[str, Any] = {k: sum(int(g[k]) for g in groups) for k in queries.BOARD_COUNTS}
     out["rag"] = "red" if out["red"] else "amber" if out["amber"] else "green"
     return out
 

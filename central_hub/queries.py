@@ -177,21 +177,28 @@ def board_summary(
         q = q.group_by(*group_cols).order_by(*group_cols)
     out = _rows(conn.execute(q))
     for r in out:
-        for k in ("online", "red", "amber", "green", "never_seen"):
+        for k in BOARD_COUNTS:
             r[k] = int(r[k] or 0)
-        for k in (
-            "cameras",
-            "cameras_down",
-            "cameras_degraded",
-            "cameras_unmonitored",
-            "missing_events",
-        ):
-            r[k] = int(r[k])
         r["rag"] = "red" if r["red"] else "amber" if r["amber"] else "green"
     if group_by == "nation" and out and out[0]["sites"] == 0:
         return []
     return out
 
+
+#: The counts of each `board_summary` row (all integers).
+BOARD_COUNTS: Final = (
+    "sites",
+    "online",
+    "red",
+    "amber",
+    "green",
+    "never_seen",
+    "cameras",
+    "cameras_down",
+    "cameras_degraded",
+    "cameras_unmonitored",
+    "missing_events",
+)
 
 _SITE_COLUMNS: Final = (
     sites.c.site_id,
